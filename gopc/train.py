@@ -1,0 +1,167 @@
+"""The training loop, shared by `gopc train` and the sweep's Tune trials.
+
+Seeded and resumable: the batch order is a function of (seed, epoch) and the checkpoint holds the
+model, optimizer, schedule and RNG state, so a resumed run follows the uninterrupted run's loss curve.
+What a run reports goes through `Hooks`: MLflow for the CLI, `tune.report` inside a sweep.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from gopc import config as C
+from gopc.data import build_datasets, to_float
+from gopc.errors import DataError
+from gopc.evaluate import evaluate
+from gopc.guard import Divergence, Guard
+from gopc.models import build_model, n_params
+
+
+class Hooks:
+    """Where a run's results go. Every method is optional."""
+
+    def started(self, cfg: C.Config, run_dir: str, n_params: int) -> None: ...
+
+    def metrics(self, step: int, metrics: dict, checkpoint: str | None) -> None: ...
+
+    def evaluated(self, step: int, metrics: dict, images: dict[str, str]) -> None: ...
+
+    def diverged(self, record: Divergence, run_dir: str) -> None: ...
+
+    def finished(self, result: "Result") -> None: ...
+
+
+@dataclass
+class Result:
+    status: str  # completed | diverged
+    step: int  # steps taken
+    losses: list[float] = field(default_factory=list)
+    eval: dict = field(default_factory=dict)
+    divergence: Divergence | None = None
+    run_dir: str = ""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def batch_indices(seed: int, n: int, batch: int, step: int) -> np.ndarray:
+    """The batch of step `step`: a fixed permutation per (seed, epoch), so resume needs only the step."""
+    per_epoch = max(n // batch, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[k * batch:(k + 1) * batch]
+
+
+def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: C.Config) -> str:
+    state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "torch_rng": torch.get_rng_state(), "max_grad_norm": guard.max_grad_norm, "config": cfg.to_dict()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
+    return path
+
+
+def inject(model, site: str, value: float) -> None:
+    """Test hook (train.inject): force a value into one guarded quantity at one step."""
+    if site in ("z0_grad", "rh_grad"):
+        model.poison[site] = value
+    elif site == "overflow":  # finite, but large enough that the next computation overflows
+        model.poison["z0_grad"] = 1e30
+
+
+def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: str | None = None,
+          progress: bool = True) -> Result:
+    hooks = hooks or Hooks()
+    t_cfg = cfg.train
+    torch.manual_seed(t_cfg.seed)
+    device = pick_device(t_cfg.device)
+    data = build_datasets(cfg.data)  # before anything is written: a bad data path leaves nothing behind
+    train_set, val_set = data["train"], data["val"][: t_cfg.eval_size]
+
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t_cfg.lr_decay)
+    guard, start = Guard(), 0
+    if resume_from:
+        state = torch.load(resume_from, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        guard.max_grad_norm, start = state["max_grad_norm"], state["step"]
+
+    os.makedirs(run_dir, exist_ok=True)
+    C.save(cfg, os.path.join(run_dir, "config.yaml"))  # the file alone reproduces the run
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    last_ckpt = resume_from
+    hooks.started(cfg, run_dir, n_params(model))
+    fault = C.parse_inject(t_cfg.inject)
+    result = Result("completed", start, run_dir=run_dir)
+
+    bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,
+               desc=f"{cfg.model.kind} train", unit="step", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        x = to_float(train_set[batch_indices(t_cfg.seed, len(train_set), t_cfg.batch_size, step)]).to(device)
+        if not torch.isfinite(x).all():  # bad data is not divergence: say so and stop
+            raise DataError(f"data: batch at step {step} holds non-finite pixels; check data.source")
+        if fault and fault[1] == step:
+            inject(model, fault[0], fault[2])
+        beta = min(1.0, (step + 1) / cfg.stab.kl_anneal_steps) if cfg.stab.kl_anneal_steps else 1.0
+        loss, parts = model(x, beta)
+        if fault and fault[1] == step and fault[0] == "loss":
+            loss = loss + fault[2]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if fault and fault[1] == step and fault[0] == "param_grad":
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] += fault[2]
+        params = [p for p in model.parameters() if p.grad is not None]
+        if t_cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt)
+        if record is not None:  # stop before the optimizer can write a non-finite value
+            result.status, result.divergence, result.step = "diverged", record, step
+            with open(os.path.join(run_dir, "divergence.json"), "w") as f:
+                json.dump(record.to_dict(), f, indent=1)
+            bar.close()
+            hooks.diverged(record, run_dir)
+            hooks.finished(result)
+            return result
+        opt.step()
+        sched.step()
+        result.step = step + 1
+        result.losses.append(loss.item())
+
+        saved = None
+        if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
+            saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
+        if (step + 1) % t_cfg.log_every == 0 or saved:
+            metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
+                       "beta": beta, "lr": sched.get_last_lr()[0],
+                       "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
+            bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
+            hooks.metrics(step + 1, metrics, saved)
+        if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
+            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, os.path.join(run_dir, f"eval-{step + 1}")))
+    bar.close()
+    result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
+    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
+        json.dump(result.eval, f, indent=1)
+    hooks.evaluated(result.step, result.eval, images)
+    hooks.finished(result)
+    return result

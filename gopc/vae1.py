@@ -1,0 +1,18 @@
+"""VAE-1 (thesis section 3.4.2): GOPC-1's generative model with a conv encoder that sees the current
+frame only, the thesis' fairest encoder-based comparison."""
+from __future__ import annotations
+
+from gopc.config import Config
+from gopc.gopc1 import GOPC1
+from gopc.nn import Encoder, logvar
+
+
+class VAE1(GOPC1):
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        del self.q_head  # the encoder replaces the gradient-origin heads
+        self.encoder = Encoder(cfg.model.r_dim, cfg.model.ngf, cfg.data.frame_size)
+
+    def posterior(self, x_t, mu_p, lv_p, t):
+        mu, raw = self.encoder(x_t)
+        return mu, logvar(raw, self.s.variance)
