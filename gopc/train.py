@@ -150,7 +150,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         saved = None
         if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
             saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
-        if (step + 1) % t_cfg.log_every == 0 or saved:
+        if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
             metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
                        "beta": beta, "lr": sched.get_last_lr()[0],
                        "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}

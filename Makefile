@@ -1,0 +1,18 @@
+# The two set-up commands of the README. Each installs what it needs first (idempotent).
+PY := .venv/bin/python
+
+.PHONY: sweep test install
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/install.sh
+	bash scripts/install.sh
+	touch $@
+
+# The main job: a small local sweep of GOPC-2 stabilizers (Ray local, MLflow in ./mlflow.db).
+sweep: install
+	$(PY) sweeps/gopc2_stability.py --preset smoke
+
+# The test suite (CI runs this through .ci/run). System packages first: sshd for the cluster test.
+test: install
+	bash scripts/ci_system_deps.sh
+	$(PY) -m pytest -q
