@@ -31,8 +31,9 @@ def predict_all(model, sequences, cfg: Config, chunk: int = 50) -> tuple[torch.T
     return torch.cat(xs), {k: torch.cat(v) for k, v in outs.items()}
 
 
-def evaluate(model, sequences, cfg: Config, out_dir: str) -> tuple[dict, dict[str, str]]:
-    """Returns flat metrics (`posterior/mse`, `prior/mse_std`, `rollout/blank_mse`, ...) and PNG paths."""
+def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, dict[str, str]]:
+    """Returns flat metrics (`posterior/mse`, `prior/mse_std`, `rollout/blank_mse`, ...) and PNG paths
+    (none when out_dir is None: the quick validation between Tune iterations)."""
     x, pred = predict_all(model, sequences, cfg)
     ctx = context_frames(cfg)
     frames = {"posterior": slice(0, None), "prior": slice(1, None), "rollout": slice(ctx, None)}
@@ -42,6 +43,8 @@ def evaluate(model, sequences, cfg: Config, out_dir: str) -> tuple[dict, dict[st
         metrics.update({f"{name}/{k}": v for k, v in summarise(per).items()})
         metrics.update({f"{name}/blank_{k}": v for k, v in blank_frame_scores(x[:, sel]).items()})
         curves[name] = curve(per)["mse"]
+    if out_dir is None:
+        return metrics, {}
     os.makedirs(out_dir, exist_ok=True)
     images = {
         "inference": inference_grid(x, pred["prior"], pred["posterior"], os.path.join(out_dir, "inference.png")),

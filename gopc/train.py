@@ -157,7 +157,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
             hooks.metrics(step + 1, metrics, saved)
         if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
-            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, os.path.join(run_dir, f"eval-{step + 1}")))
+            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, None))
     bar.close()
     result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
     with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:

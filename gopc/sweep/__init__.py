@@ -1,0 +1,1 @@
+"""The sweep service: Ray Tune + Optuna over GOPC-2 stabilizers, every trial tracked in MLflow."""

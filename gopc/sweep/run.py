@@ -1,0 +1,147 @@
+"""The sweep driver: the same script on a laptop (Ray starts locally, MLflow in a SQLite file) and on
+a cluster (`ray submit cluster/gpu.yaml sweeps/gopc2_stability.py`: it joins the running cluster).
+
+    python sweeps/gopc2_stability.py [--config sweeps/gopc2_stability.yaml] [--preset smoke]
+                                     [--set num_samples=64] [--resume]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import yaml
+
+# Tune's classic reporter: one compact table of chosen columns instead of every metric of every trial.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+from gopc import config as C
+from gopc.errors import ConfigError, GopcError
+from gopc.sweep import settings as S
+
+
+def parse_args(argv, default_config: str):
+    p = argparse.ArgumentParser(description="Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow")
+    p.add_argument("--config", default=default_config, help="sweep settings YAML (default: %(default)s)")
+    p.add_argument("--preset", help="a preset of the settings file, e.g. smoke")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. num_samples=64")
+    p.add_argument("--resume", action="store_true", help="continue the sweep of this name after a crash or kill")
+    return p.parse_args(argv)
+
+
+def cluster_limits() -> tuple[float, float]:
+    """The largest CPU and GPU counts of any node, including node types the autoscaler may still add
+    (the launcher leaves its config at ~/ray_bootstrap_config.yaml on the head)."""
+    import ray
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n["Alive"]]
+    bootstrap = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    if os.path.exists(bootstrap):
+        with open(bootstrap) as f:
+            for node_type in (yaml.safe_load(f) or {}).get("available_node_types", {}).values():
+                cpus.append(node_type.get("resources", {}).get("CPU", 0))
+                gpus.append(node_type.get("resources", {}).get("GPU", 0))
+    return max(cpus, default=0), max(gpus, default=0)
+
+
+def check_resources(s: S.Settings) -> None:
+    cpu, gpu = cluster_limits()
+    if s.resources.gpu > gpu:
+        raise ConfigError(f"resources.gpu: a trial asks {s.resources.gpu} GPUs but the largest node has {gpu:g}; "
+                          "lower it (fractions such as 0.25 share a GPU)")
+    if s.resources.cpu > cpu:
+        raise ConfigError(f"resources.cpu: a trial asks {s.resources.cpu} CPUs but the largest node has {cpu:g}; lower it")
+
+
+def base_point(s: S.Settings) -> dict:
+    """The base config's own values of the searched parameters: the naive thesis setting, run first so
+    every sweep holds its baseline. Conditional parameters whose switch is off are left out."""
+    flat, point = C.from_dict(s.base).flat(), {}
+    for p in s.space:
+        if p.when and point.get(next(iter(p.when))) not in next(iter(p.when.values())):
+            continue
+        point[p.name] = flat[p.name]
+    return point
+
+
+def make_trainable(s: S.Settings):
+    from ray import tune
+
+    from gopc.sweep.trainable import run_trial
+    return tune.with_resources(
+        tune.with_parameters(run_trial, base=s.base, metric=s.metric, penalty=s.penalty, report_every=s.report_every),
+        {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
+
+
+def build_tuner(s: S.Settings, parent_run_id: str):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from gopc.sweep.searcher import DivergenceAwareOptunaSearch
+    from gopc.sweep.space import SearchSpace
+    from gopc.sweep.tracking import SweepTracker
+
+    steps = C.from_dict(s.base).train.steps
+    iterations = -(-steps // s.report_every)
+    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode,
+                                           seed=s.seed, total_steps=steps,
+                                           points_to_evaluate=[base_point(s)] if s.start_with_base else None)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
+                               reduction_factor=s.scheduler.reduction_factor)
+                 if s.scheduler.type == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        make_trainable(s),
+        tune_config=tune.TuneConfig(metric="objective", mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
+        run_config=tune.RunConfig(
+            name=s.name, storage_path=s.storage_path, verbose=1,
+            progress_reporter=tune.CLIReporter(
+                metric_columns={"step": "step", "objective": s.metric, "diverged": "diverged"},
+                parameter_columns={p.name: p.name.split(".")[1] for p in s.space}, max_report_frequency=30),
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.base, steps)]),
+    )
+
+
+def run(s: S.Settings, resume: bool, raw_yaml: str):
+    import ray
+    from ray import tune
+
+    from gopc.sweep.summary import summarise
+    from gopc.sweep.tracking import start_parent
+
+    exists = tune.Tuner.can_restore(s.experiment_path)
+    if resume and not exists:
+        raise GopcError(f"--resume: no sweep at {s.experiment_path}; start it without --resume")
+    if exists and not resume:
+        raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
+                        "pass --resume to continue it, or --set name=NEW to start another")
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    check_resources(s)
+    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume,
+                          {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric,
+                           "mode": s.mode, "num_samples": s.num_samples, "seed": s.seed}.items()}, raw_yaml)
+    if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
+        tuner = tune.Tuner.restore(s.experiment_path, trainable=make_trainable(s), resume_unfinished=True,
+                                   resume_errored=False)
+    else:
+        tuner = build_tuner(s, parent)
+    results = tuner.fit()
+    return summarise(s, results, parent)
+
+
+def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml") -> int:
+    args = parse_args(argv, default_config)
+    try:
+        raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
+        s = S.load(args.config, args.preset, args.set)
+        best_path = run(s, args.resume, raw_yaml)
+    except GopcError as e:
+        print(f"gopc2_stability: error: {e}", file=sys.stderr)
+        return 2
+    uri = s.mlflow_uri
+    ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite")
+          else f"open {uri} (on a cluster: ray dashboard cluster/gpu.yaml --port 5000 --remote-port 5000)")
+    print(f"\nbest config: {best_path}\nMLflow UI:   {ui}\n")
+    return 0

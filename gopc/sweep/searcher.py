@@ -1,0 +1,57 @@
+"""OptunaSearch that learns from diverged trials.
+
+Left alone, Ray + Optuna lose exactly the trials this service exists to study: a NaN objective leaves
+the Optuna trial RUNNING forever, and a trial that raises becomes FAIL, which TPE ignores, so the
+sampler keeps proposing the unstable region. Here a diverged trial reports a finite penalty (it never
+raises), and this searcher tells Optuna COMPLETE(penalty) plus a positive constraint. Optuna 5's TPE
+ranks every infeasible trial below every feasible one whatever the values, and infeasible ones among
+themselves by the constraint, which we make larger the earlier the trial diverged. A trial that ASHA
+stopped early is told PRUNED rather than COMPLETE with an under-trained value: TPE ranks pruned
+trials by how far they got, which is what an early stop means.
+"""
+from __future__ import annotations
+
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+
+def divergence_constraint(diverged_step: int, total_steps: int) -> float:
+    """> 0 means infeasible; 1 for a trial that diverged on its last step, up to 2 on its first."""
+    return 1.0 + max(0.0, 1.0 - diverged_step / max(total_steps, 1))
+
+
+class DivergenceAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args, total_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.total_steps = total_steps
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        status = trial_status(result, error, self.total_steps)
+        ot_trial.set_user_attr("status", status)
+        ot_trial.set_user_attr("diverged", float(status == "diverged"))
+        if status == "diverged":
+            ot_trial.set_user_attr("diverged_step", int(result["step"]))
+            ot_trial.set_constraint("diverged", divergence_constraint(int(result["step"]), self.total_steps))
+        else:
+            ot_trial.set_constraint("diverged", 0.0)
+        if status == "stopped early":
+            self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+            return None
+        return super().on_trial_complete(trial_id, result, error)
+
+
+def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
+    """completed / diverged / stopped early / errored: the status tag of a finished trial."""
+    if error:
+        return "errored"
+    if not result:  # stopped before it ever reported
+        return "stopped early"
+    if result.get("diverged"):
+        return "diverged"
+    if result.get("step", 0) < total_steps:
+        return "stopped early"
+    return "completed"

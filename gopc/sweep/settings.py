@@ -1,0 +1,121 @@
+"""A sweep's settings (sweeps/*.yaml): what to search, how to search and stop, where results go."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from gopc import config as C
+from gopc.errors import ConfigError
+from gopc.sweep.space import Param, parse_space
+from gopc.tracking import resolve_uri
+
+OBJECTIVES = [f"{s}/{m}" for s in ("posterior", "prior", "rollout") for m in ("mse", "bce", "psnr", "ssim")]
+
+
+@dataclass
+class Scheduler:
+    type: str = C.choice("asha", "asha", "fifo")  # ASHA stops slow-but-finite trials early
+    grace_period: int = C.bounded(2, 1)  # reports before a trial can be stopped
+    reduction_factor: int = C.bounded(3, 2)
+
+
+@dataclass
+class Resources:
+    cpu: float = C.bounded(1.0, 0.0)
+    gpu: float = C.bounded(0.0, 0.0)  # fractional: 0.25 packs four trials on a GPU
+
+
+@dataclass
+class Settings:
+    name: str = "gopc2_stability"
+    metric: str = "prior/mse"  # the objective: a validation metric of the run's evaluation
+    mode: str = C.choice("min", "min", "max")
+    num_samples: int = C.bounded(32, 1)
+    max_concurrent: int = C.bounded(4, 1)
+    seed: int = 0
+    start_with_base: bool = True  # trial 0 is the base config itself: the naive thesis baseline
+    report_every: int = C.bounded(20, 1)  # training steps per Tune iteration (each ends in validation)
+    max_failures: int = C.bounded(2, -1)  # retries of a trial whose worker died (-1: forever)
+    storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
+    tracking_uri: str = ""  # "" = $GOPC_TRACKING_URI or sqlite:///./mlflow.db
+    experiment: str = ""  # MLflow experiment; "" = the sweep name
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    resources: Resources = field(default_factory=Resources)
+    base: dict = field(default_factory=dict)  # run config shared by every trial
+    space: list[Param] = field(default_factory=list)
+
+    @property
+    def storage_path(self) -> str:
+        path = self.storage or os.environ.get("GOPC_STORAGE") or "sweep_results"
+        return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+    @property
+    def experiment_path(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return resolve_uri(self.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
+
+    @property
+    def mlflow_experiment(self) -> str:
+        return self.experiment or self.name
+
+    @property
+    def penalty(self) -> float:
+        """The objective told to Optuna for a diverged trial: worse than any real value."""
+        return 1e6 if self.mode == "min" else -1e6
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
+    if not isinstance(raw, dict):
+        raise ConfigError("sweep: expected a mapping of settings")
+    presets = raw.pop("presets", {}) or {}
+    if preset:
+        if preset not in presets:
+            raise ConfigError(f"--preset: {preset!r} is not defined; this sweep has {sorted(presets) or 'none'}")
+        raw = _merge(raw, presets[preset])
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. num_samples=16")
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(value)
+    known = {f.name for f in dataclasses.fields(Settings)}
+    if unknown := [k for k in raw if k not in known]:
+        raise ConfigError(f"sweep.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
+    flat = {k: v for k, v in raw.items() if k not in ("scheduler", "resources", "base", "space")}
+    s = C._section(Settings, "sweep", {k: v for k, v in flat.items()})
+    s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
+    s.resources = C._section(Resources, "resources", raw.get("resources"))
+    base = raw.get("base") or {}
+    try:
+        C.from_dict(base)
+    except ConfigError as e:
+        raise ConfigError(f"base.{e}") from None
+    s.base = base
+    s.space = parse_space(raw.get("space"), base)
+    if s.metric not in OBJECTIVES:
+        raise ConfigError(f"sweep.metric: {s.metric!r} is not one of {OBJECTIVES}")
+    if s.resources.cpu <= 0 and s.resources.gpu <= 0:
+        raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
+    if not s.name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"sweep.name: {s.name!r} may hold only letters, digits, '-' and '_'")
+    return s
+
+
+def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
+    return parse(C.load_yaml(path), preset, overrides)

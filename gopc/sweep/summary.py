@@ -1,0 +1,198 @@
+"""The sweep's summary, on the parent run: a table of all trials, the best config as YAML, and the
+pictures that answer "what keeps GOPC-2 finite": divergence rate and steps-to-divergence per
+stabilizer value, the optimisation history, and Optuna's parameter importances for the objective and
+for divergence."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import tempfile
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import optuna  # noqa: E402
+
+from gopc import config as C  # noqa: E402
+from gopc.sweep.searcher import DivergenceAwareOptunaSearch, trial_status  # noqa: E402
+from gopc.sweep.settings import Settings  # noqa: E402
+from gopc.sweep.space import apply  # noqa: E402
+from gopc.sweep.tracking import finish_parent  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def trial_rows(s: Settings, results) -> list[dict]:
+    steps = C.from_dict(s.base).train.steps
+    rows = []
+    for r in results:
+        m = r.metrics or {}
+        row = {"trial_id": m.get("trial_id") or os.path.basename(r.path or ""),
+               "status": trial_status(m, r.error is not None, steps),
+               "objective": m.get("objective", float("nan")), "step": m.get("step", 0),
+               "diverged_step": m.get("diverged_step", ""), "diverged_quantity": m.get("diverged_quantity", ""),
+               "error": str(r.error).strip().splitlines()[0][:200] if r.error else ""}
+        row.update({p.name: r.config.get(p.name, "") for p in s.space})
+        row.update({k: v for k, v in m.items() if k.startswith("val/") and k.endswith(("mse", "bce", "ssim", "psnr"))})
+        rows.append(row)
+    return rows
+
+
+def load_study(s: Settings) -> optuna.Study:
+    """The searcher's Optuna study as Tune last saved it (after fit, and after a resumed fit)."""
+    searcher = DivergenceAwareOptunaSearch(total_steps=1)
+    searcher.restore_from_dir(s.experiment_path)
+    return searcher._ot_study
+
+
+def best_row(s: Settings, rows: list[dict]) -> dict | None:
+    done = [r for r in rows if r["status"] == "completed" and math.isfinite(float(r["objective"]))]
+    if not done:
+        return None
+    return (min if s.mode == "min" else max)(done, key=lambda r: float(r["objective"]))
+
+
+def _group_key(p, value, ran) -> str:
+    if value == "":
+        return "(off)"  # a conditional parameter that was not switched on
+    if p.choices is not None:
+        return str(value)
+    edges = np.quantile([float(q[p.name]) for q in ran if q.get(p.name, "") != ""], [0, .25, .5, .75, 1])
+    b = max(min(int(np.searchsorted(edges, float(value), side="right")) - 1, 3), 0)  # quartile bins
+    return f"{edges[b]:.2g}-{edges[b + 1]:.2g}"
+
+
+def divergence_plot(s: Settings, rows: list[dict], path: str) -> str:
+    """Per parameter: divergence rate per value (above) and steps to divergence per value (below)."""
+    ran = [r for r in rows if r["status"] != "errored"]
+    cols = min(4, len(s.space))
+    bands = -(-len(s.space) // cols)
+    fig, grid = plt.subplots(2 * bands, cols, figsize=(3.4 * cols, 5.0 * bands), squeeze=False)
+    for i in range(len(s.space), bands * cols):
+        grid[2 * (i // cols), i % cols].set_visible(False)
+        grid[2 * (i // cols) + 1, i % cols].set_visible(False)
+    for i, p in enumerate(s.space):
+        rate_ax, steps_ax = grid[2 * (i // cols), i % cols], grid[2 * (i // cols) + 1, i % cols]
+        groups = defaultdict(list)
+        for r in ran:
+            groups[_group_key(p, r.get(p.name, ""), ran)].append(r)
+        keys = sorted(groups)
+        rates = [np.mean([g["status"] == "diverged" for g in groups[k]]) for k in keys]
+        rate_ax.bar(keys, rates, color="tab:red")
+        for x, k in enumerate(keys):
+            rate_ax.text(x, rates[x], f"n={len(groups[k])}", ha="center", va="bottom", fontsize=7)
+            ys = [float(g["diverged_step"]) for g in groups[k] if g["status"] == "diverged"]
+            steps_ax.scatter([x] * len(ys), ys, color="tab:red", alpha=.6)
+        rate_ax.set(title=p.name, ylim=(0, 1.15), ylabel="divergence rate" if i % cols == 0 else None)
+        steps_ax.set(xticks=range(len(keys)), xticklabels=keys, xlim=(-0.5, len(keys) - 0.5),
+                     ylabel="steps to divergence" if i % cols == 0 else None)
+        for ax in (rate_ax, steps_ax):
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    fig.suptitle(f"{s.name}: what keeps GOPC-2 finite ({len(ran)} trials)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def history_plot(s: Settings, rows: list[dict], path: str) -> str:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    best, xs, bests = None, [], []
+    for i, r in enumerate(rows):
+        obj = float(r["objective"]) if r["status"] != "errored" else float("nan")
+        if r["status"] == "diverged":
+            ax.scatter(i, 0, marker="x", color="tab:red", transform=ax.get_xaxis_transform(), clip_on=False)
+            continue
+        if not math.isfinite(obj):
+            continue
+        ax.scatter(i, obj, color="tab:blue" if r["status"] == "completed" else "tab:gray", s=18)
+        if r["status"] == "completed" and (best is None or (obj < best if s.mode == "min" else obj > best)):
+            best = obj
+        if best is not None:
+            xs.append(i)
+            bests.append(best)
+    ax.step(xs, bests, where="post", color="tab:green", label="best so far")
+    ax.set(xlabel="trial (in the order Tune lists them)", ylabel=s.metric,
+           title="optimisation history (x: diverged, grey: stopped early)")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def importances(study: optuna.Study, s: Settings) -> dict[str, dict[str, float]]:
+    """Optuna's fANOVA importances, for the objective (feasible trials) and for divergence (all)."""
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    feasible = [t for t in done if t.user_attrs.get("diverged", 0.0) == 0.0]
+    told = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    out = {}
+    for name, trials, value in (("objective", feasible, lambda t: t.value),
+                                ("divergence", told, lambda t: t.user_attrs.get("diverged", 0.0))):
+        copy = optuna.create_study(direction="minimize")
+        for t in trials:
+            copy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=value(t)))
+        try:
+            out[name] = optuna.importance.get_param_importances(copy, target=None)
+        except (RuntimeError, ValueError, ZeroDivisionError) as e:  # too few or too uniform trials
+            out[name] = {"(not enough trials: " + str(e)[:60] + ")": 0.0}
+    return out
+
+
+def importance_plot(imps: dict, path: str) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (name, values) in zip(axes, imps.items()):
+        keys = list(values)[::-1]
+        ax.barh(keys, [values[k] for k in keys], color="tab:purple")
+        ax.set(title=f"importance for {name}", xlim=(0, 1))
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def summarise(s: Settings, results, parent_run_id: str) -> str | None:
+    rows = trial_rows(s, results)
+    study = load_study(s)
+    states = defaultdict(int)
+    for t in study.trials:
+        states[t.state.name] += 1
+    folder = tempfile.mkdtemp(prefix="gopc-sweep-")
+    files = {"trials": os.path.join(folder, "trials.csv")}
+    with open(files["trials"], "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}, key=_column_order))
+        writer.writeheader()
+        writer.writerows(rows)
+    files["divergence"] = divergence_plot(s, rows, os.path.join(folder, "divergence_by_stabilizer.png"))
+    files["history"] = history_plot(s, rows, os.path.join(folder, "optimisation_history.png"))
+    files["importance"] = importance_plot(importances(study, s), os.path.join(folder, "param_importances.png"))
+    best = best_row(s, rows)
+    best_path = None
+    if best is not None:
+        best_path = os.path.abspath(os.path.join("best", f"{s.name}.yaml"))
+        os.makedirs(os.path.dirname(best_path), exist_ok=True)
+        C.save(apply(s.base, {p.name: best[p.name] for p in s.space if best[p.name] != ""}), best_path)
+        files["best_config"] = os.path.join(folder, "best_config.yaml")
+        with open(best_path) as src, open(files["best_config"], "w") as dst:
+            dst.write(src.read())
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    metrics = {"n_trials": len(rows), "divergence_rate": counts["diverged"] / max(len(rows), 1),
+               **{f"n_{k.replace(' ', '_')}": v for k, v in counts.items()},
+               **{f"optuna_{k.lower()}": v for k, v in states.items()},
+               "best_objective": float(best["objective"]) if best else float("nan")}
+    finish_parent(s.mlflow_uri, parent_run_id, files, metrics)
+    print(f"\n{len(rows)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+          + f"; Optuna study states: {dict(states)}")
+    return best_path
+
+
+def _column_order(key: str) -> tuple:
+    first = ["trial_id", "status", "objective", "step", "diverged_step", "diverged_quantity", "error"]
+    return (first.index(key), "") if key in first else (len(first) + key.startswith("val/"), key)

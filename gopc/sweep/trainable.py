@@ -1,0 +1,64 @@
+"""One Tune trial: the foundation's training loop, reporting through `tune.report`.
+
+Each Tune iteration is `report_every` training steps followed by a validation pass, so ASHA compares
+trials on the objective itself. A diverged trial reports once more, in the step its guard fired, with
+a finite penalty as the objective and `diverged=1`, then returns: it never raises, because a raised
+trial is retried by FailureConfig and ignored by TPE.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch
+from ray import tune
+
+from gopc.sweep.space import apply
+from gopc.train import Hooks, train
+
+
+class TuneHooks(Hooks):
+    def __init__(self, metric: str, penalty: float, run_dir: str):
+        self.metric, self.penalty, self.run_dir = metric, penalty, run_dir
+        self.last_train: dict = {}
+        self.checkpoint: str | None = None
+
+    def metrics(self, step, metrics, checkpoint):
+        self.last_train = {f"train/{k}": v for k, v in metrics.items()}
+        self.checkpoint = checkpoint or self.checkpoint
+
+    def evaluated(self, step, metrics, images):
+        objective = metrics.get(self.metric, float("nan"))
+        finite = objective == objective and abs(objective) != float("inf")
+        report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
+                  "objective": objective if finite else self.penalty, "diverged": 0.0}
+        self._report(report, with_checkpoint=self.checkpoint is not None)
+
+    def diverged(self, record, run_dir):
+        self._report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
+                      "diverged_step": record.step, "diverged_quantity": record.quantity,
+                      "diverged_frame": -1 if record.frame is None else record.frame,
+                      "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
+
+    def _report(self, metrics, with_checkpoint):
+        self.checkpoint = None
+        if not with_checkpoint:
+            return tune.report(metrics)
+        return tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.run_dir))
+
+
+def run_trial(config: dict, base: dict, metric: str, penalty: float, report_every: int) -> None:
+    cfg = apply(base, config)
+    t = cfg.train
+    # Validate and checkpoint at every Tune iteration; a restarted trial resumes from the last one.
+    t.eval_every, t.ckpt_every, t.log_every = report_every, report_every, report_every
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
+    resume_from = None
+    if (restored := tune.get_checkpoint()) is not None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        restored.to_directory(run_dir)
+        if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
+            resume_from = ckpt
+    train(cfg, run_dir, TuneHooks(metric, penalty, run_dir), resume_from=resume_from, progress=False)
