@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 import yaml
@@ -27,6 +28,29 @@ def parse_args(argv, default_config: str):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. num_samples=64")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name after a crash or kill")
     return p.parse_args(argv)
+
+
+def connect_ray() -> None:
+    """Join the cluster this driver runs on (RAY_ADDRESS, or the address `ray start` recorded), else
+    start Ray locally. A recorded address whose GCS no longer answers is what a killed cluster leaves
+    behind; ray.init would hang on it, so it is removed first."""
+    import ray
+    from ray._private.utils import get_ray_address_file, read_ray_address  # no public API for this file
+
+    recorded = None if os.environ.get("RAY_ADDRESS") else read_ray_address()
+    if recorded and not _answers(recorded):
+        print(f"removing stale Ray cluster address {recorded} ({get_ray_address_file(None)})", file=sys.stderr)
+        os.remove(get_ray_address_file(None))
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+
+
+def _answers(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def cluster_limits() -> tuple[float, float]:
@@ -97,7 +121,9 @@ def build_tuner(s: S.Settings, parent_run_id: str):
             name=s.name, storage_path=s.storage_path, verbose=1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={"step": "step", "objective": s.metric, "diverged": "diverged"},
-                parameter_columns={p.name: p.name.split(".")[1] for p in s.space}, max_report_frequency=30),
+                # conditional parameters are absent from some trials, which this reporter cannot show
+                parameter_columns={p.name: p.name.split(".")[1] for p in s.space if not p.when},
+                max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.base, steps)]),
@@ -105,7 +131,6 @@ def build_tuner(s: S.Settings, parent_run_id: str):
 
 
 def run(s: S.Settings, resume: bool, raw_yaml: str):
-    import ray
     from ray import tune
 
     from gopc.sweep.summary import summarise
@@ -117,7 +142,7 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
     if exists and not resume:
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    connect_ray()
     check_resources(s)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume,
                           {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric,

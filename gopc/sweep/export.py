@@ -1,0 +1,47 @@
+"""`gopc best`: read a sweep back from MLflow and write its top-K configs as YAML that
+`gopc train --config` runs unchanged."""
+from __future__ import annotations
+
+import os
+
+import mlflow
+import yaml
+
+from gopc import config as C
+from gopc.errors import GopcError
+from gopc.sweep.tracking import find_parent
+from gopc.tracking import resolve_uri
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "") -> list[str]:
+    if top < 1:
+        raise GopcError(f"--top: {top} must be at least 1")
+    uri = resolve_uri(tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment or sweep)
+    parent = find_parent(client, exp.experiment_id, sweep) if exp else None
+    if parent is None:
+        raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
+    order = "ASC" if parent.data.params.get("sweep.mode", "min") == "min" else "DESC"
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.status = 'completed'",
+        order_by=[f"metrics.objective {order}"], max_results=top)
+    if not runs:
+        raise GopcError(f"--sweep: sweep {sweep!r} has no completed trial yet; nothing to export")
+    configs = []
+    for run in runs:  # check every config before writing any file
+        with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:
+            configs.append((run, C.from_dict(yaml.safe_load(f))))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, (run, cfg) in enumerate(configs, 1):
+        path = os.path.join(out_dir, f"best-{i}.yaml")
+        with open(path, "w") as f:
+            f.write(f"# sweep {sweep}, trial {run.info.run_name} (MLflow run {run.info.run_id}), "
+                    f"objective {run.data.metrics.get('objective')}\n")
+            f.write(C.dump(cfg))
+        paths.append(path)
+    return paths

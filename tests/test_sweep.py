@@ -1,0 +1,228 @@
+"""The sweep service, end to end on local Ray: MLflow structure, diverged trials, the Optuna study,
+best-config export, bad search spaces, and a driver killed and resumed."""
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+import ray
+import yaml
+
+from gopc.cli import main as gopc_main
+from gopc.errors import ConfigError
+from gopc.sweep import settings as S
+from gopc.sweep.run import main as sweep_main
+from gopc.sweep.searcher import DivergenceAwareOptunaSearch
+from gopc.sweep.space import SearchSpace
+from gopc.sweep.summary import load_study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
+TERMINAL = {"completed", "diverged", "stopped early", "errored"}
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """One small local sweep shared by the assertions below (6 trials; trial 0 is the naive baseline)."""
+    folder = tmp_path_factory.mktemp("sweep")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        code = sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--set", "num_samples=6"])
+    finally:
+        os.chdir(cwd)
+        ray.shutdown()
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+    settings = S.load(SWEEP_YAML, "smoke", ["num_samples=6", f"storage={folder}/sweep_results"])
+    return folder, settings, mlflow.MlflowClient()
+
+
+def runs_of(client, role):
+    exp = client.get_experiment_by_name("gopc2_stability")
+    return client.search_runs([exp.experiment_id], f"tags.role = '{role}'")
+
+
+def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
+    folder, settings, client = smoke
+    (parent,) = runs_of(client, "parent")
+    children = runs_of(client, "trial")
+    assert len(children) == 6 and len({c.data.tags["trial_id"] for c in children}) == 6
+    statuses = [c.data.tags["status"] for c in children]
+    assert set(statuses) <= TERMINAL and "diverged" in statuses and "completed" in statuses
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.params["model.kind"] == "gopc2" and "stab.out_act" in child.data.params
+        assert "objective" in child.data.metrics
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert "config.yaml" in artifacts
+        if child.data.tags["status"] == "completed":
+            images = {a.path for a in client.list_artifacts(child.info.run_id, "eval")}
+            assert {"eval/inference.png", "eval/rollout.png"} <= images
+            assert "val/prior/mse" in child.data.metrics
+        if child.data.tags["status"] == "diverged":
+            assert "divergence.json" in artifacts and child.data.tags["diverged_quantity"]
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_config.yaml", "search_space.yaml", "divergence_by_stabilizer.png",
+            "optimisation_history.png", "param_importances.png"} <= parent_files
+    assert parent.data.metrics["n_trials"] == 6 and parent.data.metrics["n_diverged"] >= 1
+
+
+def test_diverged_trials_end_in_the_step_their_guard_fired(smoke):
+    folder, settings, client = smoke
+    from ray.tune import ExperimentAnalysis
+    frames = ExperimentAnalysis(settings.experiment_path).trial_dataframes
+    diverged = [df for df in frames.values() if df["diverged"].iloc[-1] == 1]
+    assert diverged
+    for df in diverged:
+        assert (df["diverged"].iloc[:-1] == 0).all()  # nothing was reported after the divergence
+        assert df["step"].iloc[-1] == df["diverged_step"].iloc[-1]
+    for child in runs_of(client, "trial"):
+        if child.data.tags["status"] == "diverged":
+            history = client.get_metric_history(child.info.run_id, "diverged")
+            assert max(m.step for m in history) == int(child.data.tags["diverged_step"])
+
+
+def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasible(smoke):
+    folder, settings, client = smoke
+    study = load_study(settings)
+    states = [t.state for t in study.trials]
+    assert len(states) == 6 and optuna.trial.TrialState.RUNNING not in states
+    for t in study.trials:
+        if t.user_attrs.get("diverged"):
+            assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["diverged"] > 0
+        elif t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.constraints["diverged"] == 0 and t.value < 1
+
+
+def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors(smoke, tmp_path, monkeypatch, capsys):
+    folder, settings, client = smoke
+    monkeypatch.chdir(folder)
+    assert gopc_main(["best", "--sweep", "gopc2_stability", "--top", "2", "-o", str(tmp_path / "best")]) == 0
+    best = tmp_path / "best" / "best-1.yaml"
+    assert best.exists() and (tmp_path / "best" / "best-2.yaml").exists()
+    assert yaml.safe_load(best.read_text())["model"]["kind"] == "gopc2"
+    assert gopc_main(["train", "--config", str(best), "--out", str(tmp_path / "final"), "--quiet"]) == 0
+    assert "completed" in capsys.readouterr().out
+    assert gopc_main(["train", "--config", str(best), "--seeds", "0,1", "--set", "train.steps=4",
+                      "--out", str(tmp_path / "seeds"), "--quiet", "--no-mlflow"]) == 0
+    assert re.search(r"\d of 2 seeds survived", capsys.readouterr().out)
+
+
+def test_searcher_steers_away_from_the_region_that_diverges():
+    """Divergence iff x > 0.5: with diverged trials told COMPLETE(penalty) + infeasible, TPE stops
+    proposing that region, where FAIL (Ray's default for a raised trial) would teach it nothing."""
+    space = S.parse_space({"train.lr": {"low": 0.0001, "high": 0.01, "log": True},
+                           "stab.inner_lr_h": {"low": 0.0, "high": 1.0}}, {"model": {"kind": "gopc2"}})
+    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(space), metric="objective", mode="min", seed=0,
+                                           total_steps=100)
+    picks = []
+    for i in range(40):
+        config = searcher.suggest(f"t{i}")
+        x = config["stab.inner_lr_h"]
+        picks.append(x > 0.5)
+        result = ({"objective": 1e6, "diverged": 1.0, "step": 3} if x > 0.5
+                  else {"objective": 0.05 + abs(x - 0.25), "diverged": 0.0, "step": 100})
+        searcher.on_trial_complete(f"t{i}", result)
+    trials = searcher._ot_study.trials
+    diverged = [t for t in trials if t.user_attrs["diverged"]]
+    assert diverged and all(t.state == optuna.trial.TrialState.COMPLETE and t.constraints["diverged"] > 1
+                            for t in diverged)
+    assert sum(picks[20:]) <= 3, picks  # the second half keeps away from the diverging region
+
+
+def test_stopped_early_trials_are_pruned_and_errors_fail():
+    space = S.parse_space({"stab.inner_lr_h": {"low": 0.0, "high": 1.0}}, {"model": {"kind": "gopc2"}})
+    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(space), metric="objective", mode="min", seed=0,
+                                           total_steps=100)
+    for tid in ("a", "b"):
+        searcher.suggest(tid)
+    searcher.on_trial_complete("a", {"objective": 0.1, "diverged": 0.0, "step": 40})
+    searcher.on_trial_complete("b", None, error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL]
+
+
+BASE = {"model": {"kind": "gopc2"}}
+
+
+@pytest.mark.parametrize("space, entry", [
+    ({"stab.nonsense": {"choices": [1]}}, "space.stab.nonsense"),
+    ({"stab.out_act": {"choices": []}}, "space.stab.out_act.choices"),
+    ({"train.lr": {"low": 0.01, "high": 0.001}}, "space.train.lr"),
+    ({"train.lr": {"low": 0.0, "high": 0.01, "log": True}}, "space.train.lr"),
+    ({"stab.out_act": {"choices": ["none", "relu6"]}}, "space.stab.out_act"),
+    ({"stab.h_grad_limit": {"low": 0.1, "high": 1, "when": {"stab.h_grad": ["clip_norm"]}}}, "space.stab.h_grad_limit.when"),
+    ({"stab.out_act": {"choices": ["none"], "typo": 1}}, "space.stab.out_act"),
+    ({"stab.out_act": {"low": 1, "high": 2}}, "space.stab.out_act"),
+])
+def test_bad_search_spaces_are_refused_naming_the_entry(space, entry):
+    with pytest.raises(ConfigError, match=re.escape(entry)):
+        S.parse_space(space, BASE)
+
+
+def test_unknown_setting_and_preset_are_refused():
+    raw = yaml.safe_load(open(SWEEP_YAML))
+    with pytest.raises(ConfigError, match="--preset"):
+        S.parse(dict(raw), "nosuch")
+    with pytest.raises(ConfigError, match="sweep.num_sample"):
+        S.parse(dict(raw), None, ["num_sample=3"])
+
+
+def test_more_gpus_per_trial_than_the_cluster_has_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--set", "resources.gpu=2"])
+    finally:
+        ray.shutdown()
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "resources.gpu" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sweep_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_without_a_sweep_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--resume"]) == 2
+    assert "--resume: no sweep at" in capsys.readouterr().err
+
+
+def _finished_children(db: str) -> int:
+    if not os.path.exists(db):
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("select count(*) from tags where key='status' and value in "
+                               "('completed','diverged','stopped early')").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_a_killed_sweep_resumes_with_every_trial_finished_exactly_once(tmp_path):
+    args = [sys.executable, os.path.join(ROOT, "sweeps", "gopc2_stability.py"), "--config", SWEEP_YAML,
+            "--preset", "smoke", "--set", "num_samples=4", "--set", "max_concurrent=1"]
+    proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while _finished_children(str(tmp_path / "mlflow.db")) < 2 and time.time() < deadline:
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-sweep
+    proc.wait()
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    from ray.tune import ExperimentAnalysis
+    analysis = ExperimentAnalysis(str(tmp_path / "sweep_results" / "gopc2_stability"))
+    assert len(analysis.trials) == 4 and all(t.status in ("TERMINATED", "ERROR") for t in analysis.trials)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = mlflow.MlflowClient()
+    children = runs_of(client, "trial")
+    assert len(children) == 4 and len({c.data.tags["trial_id"] for c in children}) == 4
+    assert all(c.data.tags["status"] in TERMINAL for c in children)
+    assert len(runs_of(client, "parent")) == 1
