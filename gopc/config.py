@@ -90,7 +90,6 @@ class TrainConfig:
     grad_clip: float = bounded(0.0, 0.0)  # clip the parameters' gradient norm; 0 = off
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    fast: bool = True  # CUDA-graph / fused paths where they help; the eager path stays the reference
     log_every: int = bounded(10, 1)
     ckpt_every: int = bounded(100, 1)
     eval_every: int = bounded(0, 0)  # 0 = evaluate at the end only
