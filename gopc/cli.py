@@ -14,7 +14,7 @@ def _seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds: {text!r} is not a comma-separated list of integers") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
 
 
 def cmd_train(args) -> int:
@@ -84,13 +84,27 @@ def cmd_eval(args) -> int:
 
 def cmd_best(args) -> int:
     from gopc.sweep.export import export_best
+    from gopc.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
+    db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
+    if db and not os.path.isfile(db):  # MLflow would create an empty database just to look in it
+        raise GopcError(f"--sweep: no sweep named {args.sweep!r}: there is no MLflow database {db}; "
+                        f"run from the sweep's folder or pass --tracking-uri")
     for path in export_best(args.sweep, args.top, args.output, args.tracking_uri, args.experiment):
         print(path)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes are bad input too: one line naming the argument, exit 2 (not usage + SystemExit)."""
+
+    def error(self, message):
+        raise GopcError(f"{message} (see {self.prog} --help)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gopc", description=__doc__)
+    p = _Parser(prog="gopc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one config (optionally over several seeds)")
     t.add_argument("--config", help="run YAML (see configs/); defaults apply to anything left out")
@@ -118,8 +132,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
     try:
+        args = parser().parse_args(argv)
         return args.func(args)
     except GopcError as e:
         print(f"gopc: error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ by default, so the defaults are the naive thesis setting.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -120,7 +121,7 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
-INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow")
+INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow", "raise", "oom")
 _INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?$")
 
 
@@ -159,6 +160,8 @@ def _coerce(name: str, tp, value):
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan / .inf pass every bound check, then crash numpy or torch
+                raise ConfigError(f"{name}: {value!r} is not a finite number; give a real value")
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string
@@ -258,7 +261,13 @@ def load_yaml(path: str) -> dict:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`--set train.lr=3e-4` style overrides, values parsed as YAML (so 3e-4, true, [1, 7] work)."""
-    raw = {k: dict(v or {}) for k, v in (raw or {}).items()} if isinstance(raw, dict) else raw
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):  # from_dict names the problem; --set has nothing to apply to
+        if overrides:
+            raise ConfigError(f"config: expected a mapping with sections {list(_SECTIONS)}, got {type(raw).__name__}")
+        return raw
+    # a section that is not a mapping stays as it is, for _section to refuse with its name
+    raw = {k: dict(v) if isinstance(v, dict) else {} if v is None else v for k, v in raw.items()}
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or key.count(".") != 1:
@@ -268,7 +277,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:
             parsed = value
-        raw.setdefault(section, {})[name] = parsed
+        target = raw.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys to values, got {target!r}")
+        target[name] = parsed
     return raw
 
 

@@ -73,7 +73,11 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
 
 
 def inject(model, site: str, value: float) -> None:
-    """Test hook (train.inject): force a value into one guarded quantity at one step."""
+    """Test hook (train.inject): force a value into one guarded quantity at one step, or fail the step."""
+    if site == "raise":
+        raise RuntimeError("train.inject: injected failure")
+    if site == "oom":
+        raise torch.OutOfMemoryError("train.inject: injected out-of-memory")
     if site in ("z0_grad", "rh_grad"):
         model.poison[site] = value
     elif site == "overflow":  # finite, but large enough that the next computation overflows

@@ -15,6 +15,10 @@ import yaml
 
 # Tune's classic reporter: one compact table of chosen columns instead of every metric of every trial.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# An unreachable tracking server must cost seconds, not MLflow's default minutes of retries: the
+# driver queues what it cannot write (gopc/sweep/tracking.py) and tries again later.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 from gopc import config as C
 from gopc.errors import ConfigError, GopcError
@@ -88,6 +92,26 @@ def base_point(s: S.Settings) -> dict:
     return point
 
 
+def pending_path(s: S.Settings) -> str:
+    """Where MLflow writes wait while the server is away (local storage only)."""
+    return "" if "://" in s.experiment_path else os.path.join(s.experiment_path, "mlflow_pending.pkl")
+
+
+def check_tracking(uri: str) -> None:
+    """Refuse to start a sweep whose tracking server does not answer: trials would train unrecorded."""
+    if uri.startswith("sqlite:"):
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(f"tracking_uri: folder of {uri} is missing or not writable; create it or fix tracking_uri")
+        return
+    import mlflow
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"tracking_uri: MLflow at {uri} does not answer ({type(e).__name__}); start the server "
+                          "(see README), or set tracking_uri: '' for a local SQLite file") from None
+
+
 def make_trainable(s: S.Settings):
     from ray import tune
 
@@ -126,7 +150,7 @@ def build_tuner(s: S.Settings, parent_run_id: str):
                 max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.base, steps)]),
+            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.base, steps, pending_path(s))]),
     )
 
 
@@ -142,6 +166,7 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
     if exists and not resume:
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
+    check_tracking(s.mlflow_uri)
     connect_ray()
     check_resources(s)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume,

@@ -84,6 +84,8 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
     if preset:
         if preset not in presets:
             raise ConfigError(f"--preset: {preset!r} is not defined; this sweep has {sorted(presets) or 'none'}")
+        if not isinstance(presets[preset], dict):
+            raise ConfigError(f"presets.{preset}: expected a mapping of settings, got {presets[preset]!r}")
         raw = _merge(raw, presets[preset])
     for item in overrides or []:
         key, sep, value = item.partition("=")
@@ -91,9 +93,14 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. num_samples=16")
         node = raw
         *parents, last = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[last] = yaml.safe_load(value)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a mapping")
+        try:
+            node[last] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            node[last] = value  # as for the run config's --set: the field's own check names the problem
     known = {f.name for f in dataclasses.fields(Settings)}
     if unknown := [k for k in raw if k not in known]:
         raise ConfigError(f"sweep.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")

@@ -162,7 +162,10 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
     states = defaultdict(int)
     for t in study.trials:
         states[t.state.name] += 1
-    folder = tempfile.mkdtemp(prefix="gopc-sweep-")
+    # A local copy beside the experiment first: nothing is lost if MLflow is away at the end.
+    local = "://" not in s.experiment_path
+    folder = os.path.join(s.experiment_path, "summary") if local else tempfile.mkdtemp(prefix="gopc-sweep-")
+    os.makedirs(folder, exist_ok=True)
     files = {"trials": os.path.join(folder, "trials.csv")}
     with open(files["trials"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}, key=_column_order))
@@ -187,7 +190,8 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
                **{f"n_{k.replace(' ', '_')}": v for k, v in counts.items()},
                **{f"optuna_{k.lower()}": v for k, v in states.items()},
                "best_objective": float(best["objective"]) if best else float("nan")}
-    finish_parent(s.mlflow_uri, parent_run_id, files, metrics)
+    if not finish_parent(s.mlflow_uri, parent_run_id, files, metrics):
+        print(f"the summary is kept in {folder}; run with --resume to log it once MLflow is back")
     print(f"\n{len(rows)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + f"; Optuna study states: {dict(states)}")
     return best_path

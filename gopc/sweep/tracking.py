@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import sys
 import time
 
 import mlflow
@@ -49,14 +51,32 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
 
 
 class SweepTracker(tune.Callback):
-    def __init__(self, uri: str, parent_run_id: str, sweep: str, base: dict, total_steps: int):
-        self.uri, self.parent, self.sweep, self.base, self.total_steps = uri, parent_run_id, sweep, base, total_steps
+    """Every write is an operation (start / metrics / finish, keyed by trial id) in an ordered queue.
+    When the tracking server is away the queue waits, trials keep training, and the writes are replayed
+    in order once it answers again. What is still queued is kept beside the experiment
+    (`mlflow_pending.pkl`), so a driver restart replays it too."""
+
+    RETRY_S = 10  # how long to leave an unreachable server alone between tries
+
+    def __init__(self, uri: str, parent_run_id: str, sweep: str, base: dict, total_steps: int, pending_path: str):
+        self.uri, self.parent, self.sweep, self.base = uri, parent_run_id, sweep, base
+        self.total_steps, self.pending_path = total_steps, pending_path
+        self._reset()
+
+    def _reset(self):
         self._client = None
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
-        self._checkpoints: dict[str, str] = {}
+        self._checkpoints: dict[str, object] = {}
+        self._pending: list[tuple[str, str, dict]] = load_pending(self.pending_path)
+        self._retry_at, self._outage = 0.0, False
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients do not pickle
-        return {**self.__dict__, "_client": None, "_runs": {}, "_checkpoints": {}}
+        return {k: v for k, v in self.__dict__.items() if k in
+                ("uri", "parent", "sweep", "base", "total_steps", "pending_path")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
 
     @property
     def client(self) -> mlflow.MlflowClient:
@@ -64,62 +84,134 @@ class SweepTracker(tune.Callback):
             self._client = mlflow.MlflowClient(self.uri)
         return self._client
 
-    def run_id(self, trial) -> str:
-        if trial.trial_id in self._runs:
-            return self._runs[trial.trial_id]
-        exp_id = self.client.get_run(self.parent).info.experiment_id
-        found = self.client.search_runs(
-            [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}' and tags.trial_id = '{trial.trial_id}'")
-        if found:
-            run_id = found[0].info.run_id
-        else:
-            cfg = apply(self.base, trial.config)
-            tags = {MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial.trial_id, "sweep": self.sweep,
-                    "role": "trial", "status": "running", "sampled": ", ".join(sorted(trial.config))}
-            run_id = self.client.create_run(exp_id, run_name=str(trial), tags=tags).info.run_id
-            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()])
-            self.client.log_text(run_id, C.dump(cfg), "config.yaml")
-        self._runs[trial.trial_id] = run_id
-        return run_id
-
+    # Tune's hooks: queue, then try to write --------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_id(trial)
+        self.submit("start", trial, {"name": str(trial), "config": dict(trial.config)})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step, now = int(result.get("step", 0)), int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
                    if k.startswith(("train/", "val/")) or k in ("objective", "diverged")
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.client.log_batch(self.run_id(trial), metrics=metrics)
+        self.submit("metrics", trial, {"metrics": metrics, "name": str(trial), "config": dict(trial.config)})
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
         self._checkpoints[trial.trial_id] = checkpoint
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.finish(trial, trial_status(trial.last_result, False, self.total_steps))
+        self._finish(trial, trial_status(trial.last_result, False, self.total_steps))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.finish(trial, "errored")
+        self._finish(trial, "errored")
 
-    def finish(self, trial, status: str):
-        run_id, result = self.run_id(trial), trial.last_result or {}
+    def on_experiment_end(self, trials, **info):
+        self.drain(wait_s=120)
+
+    def _finish(self, trial, status: str):
+        self.submit("finish", trial, {
+            "status": status, "result": dict(trial.last_result or {}),
+            "checkpoint": self._checkpoints.get(trial.trial_id) or trial.checkpoint,
+            "error": error_text(trial) if status == "errored" else "",
+            "name": str(trial), "config": dict(trial.config)})
+
+    # the queue -----------------------------------------------------------------------------------
+    def submit(self, op: str, trial, payload: dict):
+        self._pending.append((op, trial.trial_id, payload))
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        if not force and time.time() < self._retry_at:
+            save_pending(self.pending_path, self._pending)
+            return False
+        while self._pending:
+            op, trial_id, payload = self._pending[0]
+            try:
+                getattr(self, f"_do_{op}")(trial_id, **payload)
+            except Exception as e:  # noqa: BLE001: any failure to write means "try again later"
+                if not self._outage:
+                    print(f"MLflow at {self.uri} failed ({type(e).__name__}: {str(e)[:120]}); "
+                          f"queueing writes and retrying every {self.RETRY_S}s", file=sys.stderr)
+                self._outage, self._retry_at = True, time.time() + self.RETRY_S
+                save_pending(self.pending_path, self._pending)
+                return False
+            self._pending.pop(0)
+        if self._outage:
+            print(f"MLflow at {self.uri} answers again; queued writes are logged", file=sys.stderr)
+        self._outage = False
+        save_pending(self.pending_path, self._pending)
+        return True
+
+    def drain(self, wait_s: float) -> bool:
+        deadline = time.time() + wait_s
+        while not self.flush(force=True) and time.time() < deadline:
+            time.sleep(self.RETRY_S / 2)
+        if self._pending:
+            print(f"MLflow still unreachable: {len(self._pending)} writes kept in {self.pending_path}; "
+                  "run the sweep again with --resume to log them", file=sys.stderr)
+        return not self._pending
+
+    # the operations (each idempotent, so a replay after a partial failure is harmless) -------------
+    def run_id(self, trial_id: str, name: str, config: dict) -> str:
+        if trial_id in self._runs:
+            return self._runs[trial_id]
+        exp_id = self.client.get_run(self.parent).info.experiment_id
+        found = self.client.search_runs(
+            [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}' and tags.trial_id = '{trial_id}'")
+        run = found[0] if found else self.client.create_run(exp_id, run_name=name, tags={
+            MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial_id, "sweep": self.sweep, "role": "trial",
+            "status": "running", "sampled": ", ".join(sorted(config))})
+        if not run.data.params:
+            cfg = apply(self.base, config)
+            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()])
+            self.client.log_text(run.info.run_id, C.dump(cfg), "config.yaml")
+        self._runs[trial_id] = run.info.run_id
+        return run.info.run_id
+
+    def _do_start(self, trial_id, name, config):
+        self.run_id(trial_id, name, config)
+
+    def _do_metrics(self, trial_id, metrics, name, config):
+        self.client.log_batch(self.run_id(trial_id, name, config), metrics=metrics)
+
+    def _do_finish(self, trial_id, status, result, checkpoint, error, name, config):
+        run_id = self.run_id(trial_id, name, config)
         tags = [RunTag("status", status)]
         if status == "diverged":
             record = {k: result.get(k) for k in DIVERGENCE_KEYS}
             record["step"] = record.pop("diverged_step")
             self.client.log_dict(run_id, record, "divergence.json")
-            tags += [RunTag("diverged_step", str(record["step"])), RunTag("diverged_quantity", str(record["diverged_quantity"]))]
+            tags += [RunTag("diverged_step", str(record["step"])),
+                     RunTag("diverged_quantity", str(record["diverged_quantity"]))]
         if status == "errored":
-            reason = error_text(trial)
-            tags.append(RunTag("error", reason.strip().splitlines()[-1][:500] if reason.strip() else "unknown"))
-            self.client.log_text(run_id, reason, "error.txt")
-        checkpoint = self._checkpoints.get(trial.trial_id) or trial.checkpoint
+            tags.append(RunTag("error", error.strip().splitlines()[-1][:500] if error.strip() else "unknown"))
+            self.client.log_text(run_id, error, "error.txt")
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 if os.path.isdir(eval_dir := os.path.join(folder, "eval")):
                     self.client.log_artifacts(run_id, eval_dir, "eval")
         self.client.log_batch(run_id, tags=tags)
         self.client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
+
+
+def load_pending(path: str) -> list:
+    if path and os.path.exists(path):
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    return []
+
+
+def save_pending(path: str, pending: list) -> None:
+    if not path or "://" in path:
+        return
+    if not pending:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        pickle.dump(pending, f)
+    os.replace(tmp, path)
 
 
 def error_text(trial) -> str:
@@ -131,7 +223,21 @@ def error_text(trial) -> str:
     return str(err or "")
 
 
-def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float]) -> None:
+def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float], wait_s: float = 120) -> bool:
+    """Log the summary on the parent run, retrying while the server is away. False if it never came back."""
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            _finish_parent(uri, parent, files, metrics)
+            return True
+        except Exception as e:  # noqa: BLE001
+            if time.time() > deadline:
+                print(f"MLflow at {uri} unreachable ({type(e).__name__}); the summary was not logged", file=sys.stderr)
+                return False
+            time.sleep(5)
+
+
+def _finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float]) -> None:
     client = mlflow.MlflowClient(uri)
     for path in files.values():
         client.log_artifact(parent, path)
