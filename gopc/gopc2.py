@@ -33,7 +33,8 @@ class Transition(nn.Module):
             for basis in self.bases.data:
                 nn.init.xavier_uniform_(basis)
         self.out_norm = nn.LayerNorm(m.r_dim) if s.out_act == "layernorm" else None
-        if s.residual:  # start as the identity transition r_hat = r_{t-1} + out_act(0)
+        if s.residual:  # start near the identity: r_hat = r_{t-1} + out_act(0), for every mixture_act but
+            # softmax, whose zero logits still weight every basis 1/K
             nn.init.zeros_(self.hyper[-1].weight)
             nn.init.zeros_(self.hyper[-1].bias)
 
@@ -98,7 +99,9 @@ class GOPC2(SeqModel):
     def advance(self, carry, r, t, infer=True):
         """After r_t is inferred, step r^H down ||r_t - r_hat_t(r^H)||^2 + KL(q(r^H) || N(0, I))."""
         if t > 0 and infer:
-            rh = carry["rh"]
+            # A new node: r_t was inferred through the prior that used carry["rh"], so a gradient
+            # taken w.r.t. carry["rh"] itself would run back through r_t. r_t is the fixed target here.
+            rh = carry["rh"].clone()
             if self.s.rh_truncate and t % self.s.rh_truncate == 0:
                 rh = rh.detach()  # truncated backpropagation through the r^H path
             lv_h = logvar(self.rh_raw, self.s.variance)

@@ -177,7 +177,8 @@ class SeqModel(nn.Module):
     def gon_posterior(self, head, x_t, mu_p, lv_p, t):
         """Thesis algorithm 2: z0 = 0, decode a first guess, one step down the full inner ELBO."""
         with torch.enable_grad():
-            z0 = torch.zeros(x_t.shape[0], self.cfg.model.r_dim, device=x_t.device, requires_grad=True)
+            z0 = torch.zeros(x_t.shape[0], self.cfg.model.r_dim, device=x_t.device, dtype=x_t.dtype,
+                             requires_grad=True)
             mu0, raw0 = head(z0)
             lv0 = logvar(raw0, self.s.variance)
             logits0 = self.decoder(sample(mu0, lv0, self.training))

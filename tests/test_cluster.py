@@ -154,7 +154,7 @@ def test_system_deps_present():
 
 
 @pytest.mark.cluster
-def test_local_cluster_up_submit_down(tmp_path):
+def test_local_cluster_up_submit_sweep_down(tmp_path):
     script = tmp_path / "cluster_smoke.py"
     script.write_text(PLACEHOLDER_DRIVER)
     address_file = Path("/tmp/ray/ray_current_cluster")
@@ -184,6 +184,13 @@ def test_local_cluster_up_submit_down(tmp_path):
         assert "ENV RAY_AUTH_MODE token" in out
         assert "ENV EXTRA from-harness" in out
         assert "MLFLOW OK" in out, out[-4000:]
+
+        # The product itself: the sweep, submitted as a user would, logging to the head's MLflow.
+        sweep = cluster.submit(REPO_ROOT / "sweeps" / "gopc2_stability.py", "--preset", "smoke",
+                               "--set", "num_samples=3")
+        assert sweep.returncode == 0, sweep.stdout[-6000:]
+        assert "best config:" in sweep.stdout and "MLflow UI:" in sweep.stdout
+        check_sweep_in_mlflow_and_train_its_best(cluster.tracking_uri, tmp_path)
         submit_s = time.monotonic() - t0 - up_s
     total = time.monotonic() - t0
     print(f"\nlocal cluster: up {up_s:.1f}s, submits {submit_s:.1f}s, "
@@ -192,6 +199,25 @@ def test_local_cluster_up_submit_down(tmp_path):
     # ssh); and ray.init() elsewhere on the box must not be pointed at our (dead) cluster.
     assert not (address_file.exists() and not had_address_file
                 and address_file.read_text().strip().endswith(f":{cluster.ray_port}"))
+
+
+def check_sweep_in_mlflow_and_train_its_best(uri: str, tmp_path: Path) -> None:
+    import mlflow
+
+    from gopc.cli import main as gopc_main
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("gopc2_stability")
+    parents = client.search_runs([exp.experiment_id], "tags.role = 'parent'")
+    children = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
+    assert len(parents) == 1 and len(children) == 3
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"trials.csv", "best_config.yaml"}
+    out = tmp_path / "best"
+    assert gopc_main(["best", "--sweep", "gopc2_stability", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert gopc_main(["train", "--config", str(out / "best-1.yaml"), "--no-mlflow", "--quiet",
+                      "--out", str(tmp_path / "final")]) == 0
+    assert (tmp_path / "final" / "checkpoint.pt").exists()
 
 
 def test_harness_fails_clearly_without_sshd(tmp_path, monkeypatch):
