@@ -12,9 +12,12 @@ from gopc.errors import GopcError
 
 def _seeds(text: str) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+        seeds = []
+    if not seeds:  # "" or "," would otherwise fall back to train.seed without a word
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2")
+    return seeds
 
 
 def cmd_train(args) -> int:
@@ -103,6 +106,13 @@ class _Parser(argparse.ArgumentParser):
         raise GopcError(f"{message} (see {self.prog} --help)")
 
 
+def cmd_check_cluster(args) -> int:
+    from gopc.cluster import check_cluster_file
+    prepared = check_cluster_file(args.file)
+    print(f"{args.file}: valid ({len(prepared['available_node_types'])} node types, head {prepared['head_node_type']})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="gopc", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -128,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     b.add_argument("--experiment", default="", help="MLflow experiment (default: the sweep name)")
     b.set_defaults(func=cmd_best)
+    c = sub.add_parser("check-cluster", help="validate a Ray cluster launcher YAML offline, as `ray up` would")
+    c.add_argument("file")
+    c.set_defaults(func=cmd_check_cluster)
     return p
 
 

@@ -289,6 +289,14 @@ def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
     return from_dict(apply_overrides(raw, overrides or []))
 
 
+_CREDENTIALS = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")
+
+
+def redact(text: str) -> str:
+    """Credentials inside URIs (postgresql://user:pass@host) never leave the machine in logs."""
+    return _CREDENTIALS.sub(r"\1***@", text)
+
+
 def dump(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 

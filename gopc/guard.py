@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from gopc.errors import DataError
+
 
 @dataclass
 class Divergence:
@@ -27,12 +29,16 @@ class Guard:
     def __init__(self, max_grad_norm: float = 0.0):
         self.max_grad_norm = max_grad_norm
 
-    def check(self, step, loss, grad_norm, watch, last_checkpoint) -> tuple[Divergence | None, dict]:
-        """Returns (divergence or None, the step's gradient statistics)."""
+    def check(self, step, loss, grad_norm, watch, last_checkpoint, data_finite=None) -> tuple[Divergence | None, dict]:
+        """Returns (divergence or None, the step's statistics: loss, gradient norms). `data_finite`, a
+        0-d bool tensor, rides along in the same sync; non-finite input is a DataError, not divergence."""
         names = [(site, frame) for site, frame, _ in watch] + [("loss", None), ("param_grad", None)]
-        values = torch.stack([n for _, _, n in watch] + [loss.detach().double(), grad_norm.detach().double()])
+        extra = [] if data_finite is None else [data_finite.double()]
+        values = torch.stack([n for _, _, n in watch] + [loss.detach().double(), grad_norm.detach().double()] + extra)
         values = values.cpu().tolist()  # the one sync
-        stats = {"grad_norm": values[-1]}
+        if extra and not values.pop():
+            raise DataError(f"data: batch at step {step} holds non-finite pixels; check data.source")
+        stats = {"loss": values[-2], "grad_norm": values[-1]}
         for site in ("z0_grad", "rh_grad"):
             norms = [v for (s, _), v in zip(names, values) if s == site]
             if norms:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from gopc.config import Config
+from gopc.config import Config, dump, redact
 from gopc.errors import ConfigError
 from gopc.train import Hooks, Result
 
@@ -23,7 +23,7 @@ def resolve_uri(uri: str) -> str:
 
 
 def clean_params(cfg: Config) -> dict[str, str]:
-    return {k: str(v) for k, v in cfg.flat().items()}
+    return {k: redact(str(v)) for k, v in cfg.flat().items()}
 
 
 class MlflowHooks(Hooks):
@@ -44,7 +44,7 @@ class MlflowHooks(Hooks):
             mlflow.log_params(clean_params(cfg))
             mlflow.log_param("n_params", n_params)
         mlflow.set_tags({"status": "running", "model": cfg.model.kind, **self.tags})
-        mlflow.log_artifact(os.path.join(run_dir, "config.yaml"))
+        mlflow.log_text(redact(dump(cfg)), "config.yaml")
         self.run_dir = run_dir
 
     def metrics(self, step, metrics, checkpoint):

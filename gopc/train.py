@@ -17,7 +17,6 @@ from tqdm import tqdm
 
 from gopc import config as C
 from gopc.data import build_datasets, to_float
-from gopc.errors import DataError
 from gopc.evaluate import evaluate
 from gopc.guard import Divergence, Guard
 from gopc.models import build_model, n_params
@@ -120,8 +119,6 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     for step in bar:
         t0 = time.perf_counter()
         x = to_float(train_set[batch_indices(t_cfg.seed, len(train_set), t_cfg.batch_size, step)]).to(device)
-        if not torch.isfinite(x).all():  # bad data is not divergence: say so and stop
-            raise DataError(f"data: batch at step {step} holds non-finite pixels; check data.source")
         if fault and fault[1] == step:
             inject(model, fault[0], fault[2])
         beta = min(1.0, (step + 1) / cfg.stab.kl_anneal_steps) if cfg.stab.kl_anneal_steps else 1.0
@@ -137,7 +134,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
         else:
             grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt)
+        # bad data is not divergence: the guard raises a DataError for it, in the same sync
+        record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt, torch.isfinite(x).all())
         if record is not None:  # stop before the optimizer can write a non-finite value
             result.status, result.divergence, result.step = "diverged", record, step
             with open(os.path.join(run_dir, "divergence.json"), "w") as f:
@@ -149,13 +147,13 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         opt.step()
         sched.step()
         result.step = step + 1
-        result.losses.append(loss.item())
+        result.losses.append(stats.pop("loss"))
 
         saved = None
         if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
             saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
         if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
-            metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
+            metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),  # log steps only
                        "beta": beta, "lr": sched.get_last_lr()[0],
                        "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
             bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")

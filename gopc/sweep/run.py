@@ -6,7 +6,6 @@ a cluster (`ray submit cluster/gpu.yaml sweeps/gopc2_stability.py`: it joins the
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
@@ -26,7 +25,8 @@ from gopc.sweep import settings as S
 
 
 def parse_args(argv, default_config: str):
-    p = argparse.ArgumentParser(description="Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow")
+    from gopc.cli import _Parser  # command-line mistakes: one line and exit 2, like every bad input
+    p = _Parser(prog="gopc2_stability", description="Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow")
     p.add_argument("--config", default=default_config, help="sweep settings YAML (default: %(default)s)")
     p.add_argument("--preset", help="a preset of the settings file, e.g. smoke")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. num_samples=64")
@@ -81,17 +81,6 @@ def check_resources(s: S.Settings) -> None:
         raise ConfigError(f"resources.cpu: a trial asks {s.resources.cpu} CPUs but the largest node has {cpu:g}; lower it")
 
 
-def base_point(s: S.Settings) -> dict:
-    """The base config's own values of the searched parameters: the naive thesis setting, run first so
-    every sweep holds its baseline. Conditional parameters whose switch is off are left out."""
-    flat, point = C.from_dict(s.base).flat(), {}
-    for p in s.space:
-        if p.when and point.get(next(iter(p.when))) not in next(iter(p.when.values())):
-            continue
-        point[p.name] = flat[p.name]
-    return point
-
-
 def pending_path(s: S.Settings) -> str:
     """Where MLflow writes wait while the server is away (local storage only)."""
     return "" if "://" in s.experiment_path else os.path.join(s.experiment_path, "mlflow_pending.pkl")
@@ -133,7 +122,7 @@ def build_tuner(s: S.Settings, parent_run_id: str):
     iterations = -(-steps // s.report_every)
     searcher = DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode,
                                            seed=s.seed, total_steps=steps,
-                                           points_to_evaluate=[base_point(s)] if s.start_with_base else None)
+                                           points_to_evaluate=s.start_points or None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
                                reduction_factor=s.scheduler.reduction_factor)
                  if s.scheduler.type == "asha" else FIFOScheduler())
@@ -182,8 +171,8 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
 
 
 def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml") -> int:
-    args = parse_args(argv, default_config)
     try:
+        args = parse_args(argv, default_config)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
         s = S.load(args.config, args.preset, args.set)
         best_path = run(s, args.resume, raw_yaml)

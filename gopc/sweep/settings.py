@@ -36,7 +36,6 @@ class Settings:
     num_samples: int = C.bounded(32, 1)
     max_concurrent: int = C.bounded(4, 1)
     seed: int = 0
-    start_with_base: bool = True  # trial 0 is the base config itself: the naive thesis baseline
     report_every: int = C.bounded(20, 1)  # training steps per Tune iteration (each ends in validation)
     max_failures: int = C.bounded(2, -1)  # retries of a trial whose worker died (-1: forever)
     storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
@@ -45,6 +44,7 @@ class Settings:
     scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     base: dict = field(default_factory=dict)  # run config shared by every trial
+    start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
     space: list[Param] = field(default_factory=list)
 
     @property
@@ -104,7 +104,7 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
     known = {f.name for f in dataclasses.fields(Settings)}
     if unknown := [k for k in raw if k not in known]:
         raise ConfigError(f"sweep.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
-    flat = {k: v for k, v in raw.items() if k not in ("scheduler", "resources", "base", "space")}
+    flat = {k: v for k, v in raw.items() if k not in ("scheduler", "resources", "base", "space", "start_points")}
     s = C._section(Settings, "sweep", {k: v for k, v in flat.items()})
     s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
     s.resources = C._section(Resources, "resources", raw.get("resources"))
@@ -115,13 +115,43 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
         raise ConfigError(f"base.{e}") from None
     s.base = base
     s.space = parse_space(raw.get("space"), base)
+    s.start_points = parse_start_points(raw.get("start_points") or [], s.space, base)
     if s.metric not in OBJECTIVES:
         raise ConfigError(f"sweep.metric: {s.metric!r} is not one of {OBJECTIVES}")
+    iterations = -(-C.from_dict(base).train.steps // s.report_every)
+    if s.scheduler.type == "asha" and s.scheduler.grace_period > iterations:
+        raise ConfigError(f"scheduler.grace_period: {s.scheduler.grace_period} iterations, but a trial has only "
+                          f"{iterations} (base.train.steps / report_every); lower it or train longer")
     if s.resources.cpu <= 0 and s.resources.gpu <= 0:
         raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
     if not s.name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"sweep.name: {s.name!r} may hold only letters, digits, '-' and '_'")
     return s
+
+
+def parse_start_points(points, space: list[Param], base: dict) -> list[dict]:
+    """Each start point is the base config's value of every searched parameter, with the listed
+    overrides; conditional parameters whose switch is off are left out, as Optuna would."""
+    if not isinstance(points, list):
+        raise ConfigError("sweep.start_points: expected a list of {parameter: value} mappings")
+    flat, names, out = C.from_dict(base).flat(), {p.name: p for p in space}, []
+    for i, overrides in enumerate(points):
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"sweep.start_points[{i}]: expected a mapping of parameter: value")
+        for key, value in overrides.items():
+            if key not in names:
+                raise ConfigError(f"sweep.start_points[{i}].{key}: not a parameter of the space")
+            p = names[key]
+            ok = value in p.choices if p.choices is not None else isinstance(value, (int, float)) and p.low <= value <= p.high
+            if not ok:
+                raise ConfigError(f"sweep.start_points[{i}].{key}: {value!r} is outside the space's range for it")
+        point = {}
+        for p in space:
+            if p.when and point.get(next(iter(p.when))) not in next(iter(p.when.values())):
+                continue
+            point[p.name] = overrides.get(p.name, flat[p.name])
+        out.append(point)
+    return out
 
 
 def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> Settings:

@@ -66,6 +66,12 @@ def parse_space(raw, base: dict) -> list[Param]:
                 raise ConfigError(f"{where}: a log range needs low > 0 (got {p.low})")
             if p.type == "int" and (p.low != int(p.low) or p.high != int(p.high)):
                 raise ConfigError(f"{where}: an int range needs whole-number low and high")
+            if p.step is not None:  # Optuna would refuse these only once the sweep has started
+                p.step = C._coerce(f"{where}.step", float, p.step)
+                if p.step <= 0 or (p.type == "int" and p.step != int(p.step)):
+                    raise ConfigError(f"{where}.step: {p.step:g} must be a positive{' whole' if p.type == 'int' else ''} number")
+                if p.log:
+                    raise ConfigError(f"{where}.step: a log range takes no step; drop step or log")
             field_type = C.get_type_hints(C._SECTIONS[name.split(".")[0]])[name.split(".")[1]]
             if field_type not in (float, int) or (field_type is int and p.type != "int"):
                 raise ConfigError(f"{where}: {name} is {getattr(field_type, '__name__', field_type)}; "

@@ -45,8 +45,8 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
         client.set_terminated(existing.info.run_id, "RUNNING")
         return existing.info.run_id
     run = client.create_run(exp_id, run_name=sweep, tags={"sweep": sweep, "role": "parent", "status": "running"})
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
-    client.log_text(run.info.run_id, space_yaml, "search_space.yaml")
+    client.log_batch(run.info.run_id, params=[Param(k, C.redact(str(v))[:6000]) for k, v in params.items()])
+    client.log_text(run.info.run_id, C.redact(space_yaml), "search_space.yaml")
     return run.info.run_id
 
 
@@ -162,8 +162,8 @@ class SweepTracker(tune.Callback):
             "status": "running", "sampled": ", ".join(sorted(config))})
         if not run.data.params:
             cfg = apply(self.base, config)
-            self.client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in cfg.flat().items()])
-            self.client.log_text(run.info.run_id, C.dump(cfg), "config.yaml")
+            self.client.log_batch(run.info.run_id, params=[Param(k, C.redact(str(v))) for k, v in cfg.flat().items()])
+            self.client.log_text(run.info.run_id, C.redact(C.dump(cfg)), "config.yaml")
         self._runs[trial_id] = run.info.run_id
         return run.info.run_id
 

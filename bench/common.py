@@ -1,0 +1,88 @@
+"""What the benchmarks share: the training step, a batch of real data, the device's name, a timer.
+
+`train_step` is the body of gopc/train.py's loop without the data loading, fault injection, logging
+and checkpointing: forward, backward, gradient norm, divergence guard, Adam step (and the schedule
+step when one is given).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from gopc import config as C
+from gopc.data import load_digits, make_sequences, to_float
+from gopc.guard import Guard
+
+# The stabilizers that keep GOPC-2 finite for timing: at the defaults it diverges in its first step.
+GOPC2_STABLE = ["stab.out_act=sigmoid", "stab.inner_lr_h=0.1"]
+MODELS = {"gopc1": [], "vae1": [], "gopc2": GOPC2_STABLE}
+LABELS = {"gopc1": "GOPC-1", "vae1": "VAE-1", "gopc2": "GOPC-2*"}
+
+
+def make_config(kind: str, frame: int, seq: int, batch: int, extra=()) -> C.Config:
+    return C.load(None, [f"model.kind={kind}", f"data.frame_size={frame}", f"data.seq_len={seq}",
+                         f"train.batch_size={batch}", *MODELS[kind], *extra])
+
+
+def make_batch(cfg: C.Config, n: int, device) -> torch.Tensor:
+    """n real Smooth Moving MNIST sequences as float (n, T, 1, S, S) on `device`."""
+    images, _ = load_digits(cfg.data.source)
+    seqs = make_sequences(images, n, cfg.data, np.random.default_rng(cfg.data.seed))
+    return to_float(torch.from_numpy(seqs)).to(device)
+
+
+def train_step(model, opt, x, guard: Guard | None, step: int = 0, sched=None):
+    """One step as in gopc/train.py. guard=None skips Guard.check (and with it the step's sync).
+    Returns the Divergence record, or None when the step was finite and the optimizer stepped."""
+    loss, _ = model(x, 1.0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+    if guard is not None:
+        record, _ = guard.check(step, loss, grad_norm, model.watch, None)
+        if record is not None:
+            return record
+    opt.step()
+    if sched is not None:
+        sched.step()
+    return None
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device) -> float:
+    """Seconds for one call of fn, with the device synchronized before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"

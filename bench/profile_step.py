@@ -1,0 +1,57 @@
+"""Where a training step's time goes: torch.profiler's top operators by self time.
+
+    python bench/profile_step.py                 # GOPC-1, 32x32, 10 frames, batch 16, 5 profiled steps
+    python bench/profile_step.py --model vae1 --frame 64 --seq 20 --batch 50
+
+Self CPU time on the CPU; on a GPU the table is sorted by self device (CUDA) time instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from common import device_name, make_batch, make_config, pick_device, sync, train_step
+from gopc.guard import Guard
+from gopc.models import build_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="gopc1", choices=["gopc1", "vae1", "gopc2"])
+    p.add_argument("--frame", type=int, default=32)
+    p.add_argument("--seq", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--rows", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = pick_device()
+    cfg = make_config(a.model, a.frame, a.seq, a.batch, a.set)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    x = make_batch(cfg, a.batch, device)
+    guard = Guard()
+    for i in range(2):  # warm-up
+        train_step(model, opt, x, guard, i)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for i in range(a.steps):
+            train_step(model, opt, x, guard, 2 + i)
+        sync(device)
+    print(f"device: {device_name(device)}   torch {torch.__version__}")
+    print(f"setting: {cfg.model.kind} {a.frame}x{a.frame} px, {a.seq} frames, batch {a.batch}, {a.steps} steps")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=a.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

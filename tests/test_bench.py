@@ -1,0 +1,54 @@
+"""The benchmarks run and print their tables. No speed is asserted here: figures come from the scripts
+themselves (docs/performance.md), never from timed tests."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script: str) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def rows(out: str, first: str) -> list[str]:
+    return [line for line in out.splitlines() if line.split()[:1] == [first]]
+
+
+def test_step_prints_one_timed_row_per_model():
+    out = run_bench("step.py")
+    assert out.startswith("device: ")
+    assert re.search(r"^model\s+batch\s+s/step\s+batches/s\s+seq/s\s+vs 1080Ti\s+vs target$", out, re.M)
+    for label in ("GOPC-1", "VAE-1", "GOPC-2*"):
+        (row,) = rows(out, label)
+        assert len(row.split()) == 7, row  # timed, not "diverged at ..." or "out of memory"
+    assert "GOPC-2*: stabilized" in out
+    assert "fast vs eager: not available" in out
+
+
+def test_guard_cost_prints_the_ratio():
+    out = run_bench("guard_cost.py")
+    assert re.search(r"^variant\s+ms/step", out, re.M)
+    for variant in ("guard", "no check", "no guard"):
+        assert re.search(rf"^{variant}\s+[\d.]+\s", out, re.M), variant
+    assert re.search(r"^check alone: [\d.]+ ms per call", out, re.M)
+    assert len(re.findall(r"^guard cost ratio \(.+\): -?[\d.]+% of a step, -?[\d.]+ ms", out, re.M)) == 2
+
+
+@pytest.mark.parametrize("law", ["bounce", "smooth", "stochastic"])
+def test_data_gen_prints_a_rate_per_law(law, data_gen_out):
+    (row,) = rows(data_gen_out, law)
+    assert len(row.split()) == 4 and float(row.split()[2]) > 0, row
+
+
+@pytest.fixture(scope="module")
+def data_gen_out():
+    out = run_bench("data_gen.py")
+    assert re.search(r"^law\s+s/call\s+seq/s", out, re.M)
+    return out

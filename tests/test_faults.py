@@ -1,0 +1,256 @@
+"""Faults a sweep meets on real clusters, each injected and its outcome asserted: nodes dying mid-trial
+(and again during the retry), the driver killed at several moments, the tracking server unreachable or
+going away, trials that raise or run out of memory, and corrupt input data."""
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import mlflow
+import optuna
+import pytest
+import ray
+import torch
+import yaml
+
+from gopc import config as C
+from gopc.errors import DataError
+from gopc.sweep.run import main as sweep_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
+SWEEP_PY = os.path.join(ROOT, "sweeps", "gopc2_stability.py")
+TERMINAL = {"completed", "diverged", "stopped early", "errored"}
+FAST = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "base.train.steps=40", "--set", "start_points=[{stab.out_act: sigmoid}]"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(uri: str, experiment="gopc2_stability"):
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], "tags.role = 'trial'"), \
+        client.search_runs([exp.experiment_id], "tags.role = 'parent'")
+
+
+def tune_trials(folder):
+    from ray.tune import ExperimentAnalysis
+    return ExperimentAnalysis(str(folder / "sweep_results" / "gopc2_stability"))
+
+
+def assert_each_trial_once(folder, uri, n):
+    analysis = tune_trials(folder)
+    assert len(analysis.trials) == n and all(t.status in ("TERMINATED", "ERROR") for t in analysis.trials)
+    client, runs, parents = children(uri)
+    assert len(parents) == 1 and len(runs) == n and len({r.data.tags["trial_id"] for r in runs}) == n
+    assert all(r.data.tags["status"] in TERMINAL for r in runs)
+    for r in runs:  # resumed from checkpoints, not restarted: no iteration logged twice
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
+        assert len(steps) == len(set(steps)), (r.info.run_name, steps)
+    return analysis, client, runs, parents
+
+
+# ---------------------------------------------------------------------------------------------------
+def test_unreachable_tracking_server_is_refused_before_any_trial(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert sweep_main(FAST + ["--set", f"tracking_uri={uri}"]) == 2
+    err = capsys.readouterr().err
+    assert uri in err and "tracking_uri" in err and len(err.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []
+
+
+def test_trials_that_raise_or_run_out_of_memory_are_errored_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(open(SWEEP_YAML))
+    raw["space"] = {"train.inject": {"choices": ["raise@1", "oom@1", ""]}}
+    raw["start_points"] = [{"train.inject": "raise@1"}, {"train.inject": "oom@1"}, {"train.inject": ""}]
+    raw["base"]["stab"] = {"out_act": "sigmoid"}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
+    try:
+        code = sweep_main(["--config", "sweep.yaml", "--preset", "smoke", "--set", "num_samples=3",
+                           "--set", "max_failures=0", "--set", "base.train.steps=40"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    client, runs, parents = children(f"sqlite:///{tmp_path}/mlflow.db")
+    by_status = {}
+    for r in runs:
+        by_status.setdefault(r.data.tags["status"], []).append(r)
+    assert len(by_status["errored"]) == 2 and len(by_status["completed"]) == 1
+    reasons = " ".join(r.data.tags["error"] for r in by_status["errored"])
+    assert "injected failure" in reasons and "OutOfMemoryError" in reasons
+    assert parents[0].data.tags["status"] == "completed"
+
+
+@pytest.mark.cluster
+def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatch):
+    """A head and two workers (ray.cluster_utils.Cluster); a worker running a trial is removed, a fresh
+    one added, and again while the retries run. Every trial still finishes exactly once, from its last
+    checkpoint."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.chdir(tmp_path)
+    cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    experiment = tmp_path / "sweep_results" / "gopc2_stability"
+    kills = []
+
+    def killer():
+        for _ in range(2):
+            deadline = time.time() + 180
+            while time.time() < deadline and len(list(experiment.glob("*/checkpoint_*"))) <= 2 * len(kills):
+                time.sleep(0.5)
+            victim = workers.pop(0)
+            cluster.remove_node(victim)
+            kills.append(time.time())
+            workers.append(cluster.add_node(num_cpus=1))
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        code = sweep_main(FAST + ["--set", "num_samples=3", "--set", "max_concurrent=2", "--set", "max_failures=3",
+                                  "--set", "scheduler.type=fifo", "--set", "base.train.steps=80"])
+    finally:
+        thread.join(timeout=5)
+        ray.shutdown()
+        cluster.shutdown()
+    assert code == 0 and len(kills) == 2
+    analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 3)
+    assert all(t.status == "TERMINATED" for t in analysis.trials)
+    assert sum(t.run_metadata.num_failures for t in analysis.trials) >= 1
+
+
+def _wait_for(predicate, timeout):
+    deadline = time.time() + timeout
+    while not predicate() and time.time() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+@pytest.mark.parametrize("moment", ["before-first-result", "while-writing-the-summary"])
+def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, moment):
+    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2"]
+    proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    experiment = tmp_path / "sweep_results" / "gopc2_stability"
+    if moment == "before-first-result":
+        hit = _wait_for(lambda: any(experiment.glob("run_trial_*")), 120)
+    else:
+        hit = _wait_for(lambda: (experiment / "summary").exists(), 240)
+    assert hit and proc.poll() is None, f"the sweep ended before the moment {moment}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    analysis, client, runs, parents = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
+    assert {"trials.csv", "param_importances.png"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert parents[0].data.tags["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------------
+class MlflowServer:
+    """A real `mlflow server` on loopback, stoppable and restartable on the same port and database."""
+
+    def __init__(self, folder):
+        self.folder, self.port, self.proc = folder, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
+             str(self.folder / "artifacts"), "--workers", "1"],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait_for(self.healthy, 90), "mlflow server did not start"
+
+    def healthy(self):
+        try:
+            return urllib.request.urlopen(self.uri + "/health", timeout=1).status == 200
+        except OSError:
+            return False
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        args = [sys.executable, SWEEP_PY] + FAST + [
+            "--set", "num_samples=3", "--set", "max_concurrent=1", "--set", f"tracking_uri={server.uri}"]
+        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        def finished_trials():
+            try:
+                with sqlite3.connect(tmp_path / "server.db", timeout=1) as con:
+                    return con.execute("select count(*) from tags where key='status' and value in "
+                                       "('completed','diverged','stopped early')").fetchone()[0]
+            except sqlite3.Error:
+                return 0
+
+        assert _wait_for(lambda: finished_trials() >= 1, 180)
+        server.stop()  # the server goes away while trials keep training
+        time.sleep(15)
+        server.start()
+        out, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, out[-3000:]
+        assert "queueing writes" in out and "answers again" in out
+        analysis, client, runs, parents = assert_each_trial_once(tmp_path, server.uri, 3)
+        for r in runs:  # every iteration Tune saw is in MLflow
+            trial = next(t for t in analysis.trials if t.trial_id == r.data.tags["trial_id"])
+            logged = client.get_metric_history(r.info.run_id, "objective")
+            assert len(logged) == len(analysis.trial_dataframes[trial.local_path]), r.info.run_name
+        assert not (tmp_path / "sweep_results" / "gopc2_stability" / "mlflow_pending.pkl").exists()
+    finally:
+        server.stop()
+
+
+def test_a_nan_pixel_is_a_data_error_not_divergence(tmp_path, monkeypatch):
+    import gopc.train as T
+    real = T.to_float
+
+    def corrupt(batch):
+        x = real(batch)
+        x[0, 0, 0, 0, 0] = float("nan")
+        return x
+
+    monkeypatch.setattr(T, "to_float", corrupt)
+    cfg = C.load(None, ["data.frame_size=32", "data.seq_len=4", "data.n_train=32", "data.n_val=8",
+                        "data.n_test=8", "model.r_dim=8", "model.lstm_dim=8", "model.ngf=4", "train.batch_size=4"])
+    with pytest.raises(DataError, match="non-finite pixels"):
+        T.train(cfg, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "divergence.json").exists()
+    assert torch.isfinite(torch.zeros(1)).all()  # sanity: torch itself is fine
+
+
+def test_optuna_never_sees_nan(tmp_path):
+    """A NaN validation objective without divergence (possible with a broken metric) is reported as the
+    penalty, so no Optuna trial is left RUNNING."""
+    from gopc.sweep.trainable import TuneHooks
+    reports = []
+    hooks = TuneHooks("prior/mse", 1e6, str(tmp_path))
+    hooks._report = lambda metrics, with_checkpoint: reports.append(metrics)
+    hooks.evaluated(10, {"prior/mse": float("nan")}, {})
+    assert reports[0]["objective"] == 1e6
+    study = optuna.create_study()
+    trial = study.ask()
+    study.tell(trial, reports[0]["objective"])
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
