@@ -208,28 +208,10 @@ def _check_resources(*sets):
     return fn
 
 
-def _validate_cluster_file(tmp):
-    from ray.autoscaler._private.util import prepare_config, validate_config
-    validate_config(prepare_config(yaml.safe_load((tmp / "gpu.yaml").read_text())))
-
-
 def _fractional_gpu_cluster() -> dict[str, str]:
     cfg = yaml.safe_load(GPU_YAML.read_text())
     cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
     return {"gpu.yaml": yaml.safe_dump(cfg)}
-
-
-def _jsonschema_error():
-    import jsonschema
-    return jsonschema.ValidationError
-
-
-CLUSTER_GAP = ("gap: no project function turns Ray's cluster validation error (a 7-line jsonschema "
-               "ValidationError whose text never names the YAML path) into one line naming the field")
-
-
-SWEEP_ARGV_GAP = ("gap: gopc/sweep/run.py (not ours to edit) parses its command line with a plain argparse parser: "
-                  "a mistyped option prints the usage text too and raises SystemExit(2) instead of returning 2")
 
 
 @dataclass
@@ -239,7 +221,6 @@ class Row:
     how: Cli | Call  # how the test triggers it
     expect: tuple[str, ...]  # fragments of the message; the first is the field it names
     exc: type | Callable[[], type] = ConfigError  # function rows only
-    gap: str | None = None  # a known gap: the row is a strict xfail until the project closes it
 
 
 # ------------------------------------------------------------------ THE table
@@ -377,7 +358,7 @@ ROWS = [
         Call("gopc.sweep.run.check_resources(S.load(sweep, 'smoke', ['resources.cpu=64']))",
              _check_resources("resources.cpu=64"), ray=True), ("resources.cpu", "largest node has 2")),
 
-    # ---- cluster YAML (Ray's own validator: the project has no one-line wrapper, see the gap)
+    # ---- cluster YAML (Ray's own validator, through gopc check-cluster)
     Row("cluster-fractional-gpu", "cluster/gpu.yaml with gpu_worker resources GPU: 0.5",
         gopc("check-cluster", "gpu.yaml", files=_fractional_gpu_cluster()),
         ("available_node_types.gpu_worker.resources.GPU", "0.5 is not of type 'integer'")),
@@ -419,8 +400,7 @@ def local_ray():
 
 
 def _param(row: Row):
-    marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=row.gap)] if row.gap else []
-    return pytest.param(row, id=row.id, marks=marks)
+    return pytest.param(row, id=row.id)
 
 
 def test_the_table_is_sound():

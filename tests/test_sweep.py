@@ -105,8 +105,12 @@ def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors
     folder, settings, client = smoke
     monkeypatch.chdir(folder)
     assert gopc_main(["best", "--sweep", "gopc2_stability", "--top", "2", "-o", str(tmp_path / "best")]) == 0
+    completed = [c for c in runs_of(client, "trial") if c.data.tags["status"] == "completed"]
+    written = sorted(p.name for p in (tmp_path / "best").iterdir())
+    assert written == [f"best-{i}.yaml" for i in range(1, min(2, len(completed)) + 1)]  # best first
     best = tmp_path / "best" / "best-1.yaml"
-    assert best.exists() and (tmp_path / "best" / "best-2.yaml").exists()
+    objective = min(c.data.metrics["objective"] for c in completed)
+    assert f"objective {objective}" in best.read_text().splitlines()[0]
     assert yaml.safe_load(best.read_text())["model"]["kind"] == "gopc2"
     assert gopc_main(["train", "--config", str(best), "--out", str(tmp_path / "final"), "--quiet"]) == 0
     assert "completed" in capsys.readouterr().out
