@@ -29,6 +29,20 @@ def make_config(kind: str, frame: int, seq: int, batch: int, extra=()) -> C.Conf
                          f"train.batch_size={batch}", *MODELS[kind], *extra])
 
 
+def setup(a):
+    """What the single-model benches share, from their parsed arguments (threads, model, frame, seq,
+    batch, set): (device, cfg, model, optimizer, batch)."""
+    from gopc.models import build_model
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = pick_device()
+    cfg = make_config(a.model, a.frame, a.seq, a.batch, a.set)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    return device, cfg, model, opt, make_batch(cfg, a.batch, device)
+
+
 def make_batch(cfg: C.Config, n: int, device) -> torch.Tensor:
     """n real Smooth Moving MNIST sequences as float (n, T, 1, S, S) on `device`."""
     images, _ = load_digits(cfg.data.source)

@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from common import (device_name, make_batch, make_config, median, pick_device, sync, timed, train_step)
+from common import device_name, median, setup, sync, timed, train_step
 from gopc.guard import Guard
-from gopc.models import build_model
 
 TARGET = 0.03
 
@@ -57,14 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device()
-    cfg = make_config(a.model, a.frame, a.seq, a.batch, a.set)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    x = make_batch(cfg, a.batch, device)
+    device, cfg, model, opt, x = setup(a)
     guard, unwatched = Guard(), unwatched_gradient_step(model)
 
     def run(variant, step):

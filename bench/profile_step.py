@@ -13,9 +13,8 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import device_name, make_batch, make_config, pick_device, sync, train_step
+from common import device_name, setup, sync, train_step
 from gopc.guard import Guard
-from gopc.models import build_model
 
 
 def main(argv=None) -> int:
@@ -29,14 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    device = pick_device()
-    cfg = make_config(a.model, a.frame, a.seq, a.batch, a.set)
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    x = make_batch(cfg, a.batch, device)
+    device, cfg, model, opt, x = setup(a)
     guard = Guard()
     for i in range(2):  # warm-up
         train_step(model, opt, x, guard, i)

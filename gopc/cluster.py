@@ -2,8 +2,7 @@
 reason turned into one line that names the field."""
 from __future__ import annotations
 
-import yaml
-
+from gopc.config import load_yaml
 from gopc.errors import GopcError
 
 
@@ -11,13 +10,7 @@ def check_cluster_file(path: str) -> dict:
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config  # Ray's validator; no public API
 
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise GopcError(f"cluster file: {path} not found") from None
-    except yaml.YAMLError as e:
-        raise GopcError(f"cluster file: {path} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    raw = load_yaml(path, field="cluster file")
     if not isinstance(raw, dict):
         raise GopcError(f"cluster file: {path} must be a mapping (cluster_name, provider, ...)")
     try:

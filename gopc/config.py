@@ -246,16 +246,16 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------
 # YAML in and out.
 
-def load_yaml(path: str) -> dict:
+def load_yaml(path: str, field: str = "--config") -> dict:
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"--config: file {path!r} not found") from None
+        raise ConfigError(f"{field}: file {path!r} not found") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(f"{field}: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     return raw or {}
 
 
