@@ -217,8 +217,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.speed_min: {d.speed_min} is above data.speed_max {d.speed_max}; swap them")
     if d.digit_size >= d.frame_size:
         raise ConfigError(f"data.digit_size: {d.digit_size} does not fit in data.frame_size {d.frame_size}")
-    if d.frame_size % 16:
-        raise ConfigError(f"data.frame_size: {d.frame_size} must be a multiple of 16 (the decoder doubles 4x4 up)")
+    if d.frame_size not in (32, 64, 128, 256):
+        raise ConfigError(f"data.frame_size: {d.frame_size} must be 32, 64, 128 or 256 (the decoder doubles 4x4 up)")
     if d.classes is not None:
         if not d.classes or any(c < 0 or c > 9 for c in d.classes) or len(set(d.classes)) != len(d.classes):
             raise ConfigError(f"data.classes: {d.classes} must be distinct digits 0-9, or null for all")

@@ -25,6 +25,8 @@ from gopc.models import build_model, n_params
 class Hooks:
     """Where a run's results go. Every method is optional."""
 
+    grids_at_every_eval = False  # True: every validation draws the image grids, not only the last one
+
     def started(self, cfg: C.Config, run_dir: str, n_params: int) -> None: ...
 
     def metrics(self, step: int, metrics: dict, checkpoint: str | None) -> None: ...
@@ -159,7 +161,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
             hooks.metrics(step + 1, metrics, saved)
         if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
-            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, None))
+            grids = os.path.join(run_dir, "eval") if hooks.grids_at_every_eval else None
+            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, grids))
     bar.close()
     result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
     with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:

@@ -62,7 +62,7 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
         assert "objective" in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
-        if child.data.tags["status"] == "completed":
+        if child.data.tags["status"] in ("completed", "stopped early"):  # stopped ones show their last grids
             images = {a.path for a in client.list_artifacts(child.info.run_id, "eval")}
             assert {"eval/inference.png", "eval/rollout.png"} <= images
             assert "val/prior/mse" in child.data.metrics

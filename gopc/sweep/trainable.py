@@ -18,6 +18,10 @@ from gopc.train import Hooks, train
 
 
 class TuneHooks(Hooks):
+    # A trial that ASHA stops never reaches its final evaluation; drawing the grids at every
+    # validation puts the latest ones in every checkpoint, so every trial's run shows predictions.
+    grids_at_every_eval = True
+
     def __init__(self, metric: str, penalty: float, run_dir: str):
         self.metric, self.penalty, self.run_dir = metric, penalty, run_dir
         self.last_train: dict = {}
