@@ -273,3 +273,32 @@ def test_optuna_never_sees_nan(tmp_path):
     trial = study.ask()
     study.tell(trial, reports[0]["objective"])
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
+    """Tune writes its trial list and its searcher state separately; a kill between the two leaves the
+    searcher counting a trial Tune never recorded. Simulated by dropping the last trial from the trial
+    list: the resumed sweep runs it again, and no Optuna trial is left RUNNING."""
+    import json
+
+    from gopc.sweep import settings as S
+    from gopc.sweep.summary import load_study
+    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
+                                               "--set", "scheduler.type=fifo"]
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
+    experiment = tmp_path / "sweep_results" / "gopc2_stability"
+    state_file = sorted(experiment.glob("experiment_state-*.json"))[-1]
+    state = json.loads(state_file.read_text())
+    dropped = json.loads(state["trial_data"].pop()[0])["trial_id"]
+    state_file.write_text(json.dumps(state))
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"trial(s) {dropped} will be suggested again" in resumed.stderr
+    analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
+    assert dropped not in {t.trial_id for t in analysis.trials}
+    settings = S.load(SWEEP_YAML, "smoke", [f"storage={tmp_path}/sweep_results"])
+    states = [t.state for t in load_study(settings).trials]
+    assert optuna.trial.TrialState.RUNNING not in states and len(states) == 3  # the dropped one, then its rerun
+    again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0 and "will be suggested again" not in again.stderr  # repaired once, for good
+    assert len(tune_trials(tmp_path).trials) == 2
