@@ -3,6 +3,7 @@ decoded before the inference step (table 3.2), and the 5-context rollout from th
 (figure 3.4); each beside the blank-frame score, so a model that predicts nothing cannot look good."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -32,8 +33,8 @@ def predict_all(model, sequences, cfg: Config, chunk: int = 50) -> tuple[torch.T
 
 
 def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, dict[str, str]]:
-    """Returns flat metrics (`posterior/mse`, `prior/mse_std`, `rollout/blank_mse`, ...) and PNG paths
-    (none when out_dir is None: the quick validation between Tune iterations)."""
+    """Returns flat metrics (`posterior/mse`, `prior/mse_std`, `rollout/blank_mse`, ...) and the files
+    written to out_dir: PNG grids and curves.json (none when out_dir is None: a quick validation)."""
     x, pred = predict_all(model, sequences, cfg)
     ctx = context_frames(cfg)
     frames = {"posterior": slice(0, None), "prior": slice(1, None), "rollout": slice(ctx, None)}
@@ -42,15 +43,18 @@ def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, 
         per = frame_metrics(pred[name][:, sel], x[:, sel])
         metrics.update({f"{name}/{k}": v for k, v in summarise(per).items()})
         metrics.update({f"{name}/blank_{k}": v for k, v in blank_frame_scores(x[:, sel]).items()})
-        curves[name] = curve(per)["mse"]
+        curves[name] = curve(per)  # per-step means of every metric
     if out_dir is None:
         return metrics, {}
     os.makedirs(out_dir, exist_ok=True)
+    with open(curves_path := os.path.join(out_dir, "curves.json"), "w") as f:  # per-step, from first_frame on
+        json.dump({name: {"first_frame": frames[name].start, **c} for name, c in curves.items()}, f, indent=1)
     images = {
+        "curves": curves_path,
         "inference": inference_grid(x, pred["prior"], pred["posterior"], os.path.join(out_dir, "inference.png")),
         "rollout": rollout_grid(x, pred["rollout"], os.path.join(out_dir, "rollout.png"), context=ctx),
         "rollout_curve": curves_plot(
-            {"rollout mse": curves["rollout"], "blank": [metrics["rollout/blank_mse"]] * len(curves["rollout"])},
+            {"rollout mse": curves["rollout"]["mse"], "blank": [metrics["rollout/blank_mse"]] * len(curves["rollout"]["mse"])},
             os.path.join(out_dir, "rollout_curve.png"), f"per-pixel MSE by step after {ctx} context frames"),
     }
     return metrics, images

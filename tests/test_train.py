@@ -50,7 +50,9 @@ def test_gopc1_trains_and_logs_everything_to_mlflow(tmp_path, monkeypatch, capsy
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint.pt", "eval"} <= artifacts
     images = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step-200")}
-    assert {"eval/step-200/inference.png", "eval/step-200/rollout.png"} <= images
+    assert {"eval/step-200/inference.png", "eval/step-200/rollout.png", "eval/step-200/curves.json"} <= images
+    curves = json.load(open(client.download_artifacts(run.info.run_id, "eval/step-200/curves.json")))
+    assert len(curves["posterior"]["mse"]) == 6 and len(curves["prior"]["ssim"]) == 5  # per step, t >= 1 for the prior
     logged_cfg = C.from_dict(yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml"))))
     assert logged_cfg == C.from_dict(TINY)  # the saved file alone reproduces the run
 
