@@ -1,6 +1,7 @@
 """Faults a sweep meets on real clusters, each injected and its outcome asserted: nodes dying mid-trial
 (and again during the retry), the driver killed at several moments, the tracking server unreachable or
 going away, trials that raise or run out of memory, and corrupt input data."""
+import json
 import os
 import signal
 import socket
@@ -279,8 +280,6 @@ def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
     """Tune writes its trial list and its searcher state separately; a kill between the two leaves the
     searcher counting a trial Tune never recorded. Simulated by dropping the last trial from the trial
     list: the resumed sweep runs it again, and no Optuna trial is left RUNNING."""
-    import json
-
     from gopc.sweep import settings as S
     from gopc.sweep.summary import load_study
     args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
@@ -302,3 +301,27 @@ def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
     again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0 and "will be suggested again" not in again.stderr  # repaired once, for good
     assert len(tune_trials(tmp_path).trials) == 2
+
+
+def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp_path):
+    """Killed while Tune copied its first snapshot, which had no finished trial yet and no searcher
+    state: the resumed sweep starts over under the same parent, and the killed trials leave no run."""
+    from ray.tune.experiment.trial import Trial
+
+    from gopc.sweep.recovery import load_trials
+    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
+                                               "--set", "scheduler.type=fifo"]
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
+    experiment = tmp_path / "sweep_results" / "gopc2_stability"
+    state_file = next(experiment.glob("experiment_state-*.json"))
+    trials = load_trials(str(state_file))
+    for t in trials:
+        t.status = Trial.PENDING  # as in the first snapshot, written when the trials were created
+    state_file.write_text(json.dumps({"trial_data": [list(t.get_json_state()) for t in trials], "runner_data": {}}))
+    for f in [*experiment.glob("search_gen_state-*"), *experiment.glob("searcher-state-*")]:
+        f.unlink()
+    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "starting it over" in resumed.stderr
+    analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
+    assert not {t.trial_id for t in trials} & {t.trial_id for t in analysis.trials}

@@ -146,7 +146,7 @@ def build_tuner(s: S.Settings, parent_run_id: str):
 def run(s: S.Settings, resume: bool, raw_yaml: str):
     from ray import tune
 
-    from gopc.sweep.recovery import align_snapshot, forget_orphans
+    from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
     from gopc.sweep.summary import summarise
     from gopc.sweep.tracking import start_parent
 
@@ -163,12 +163,12 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
                           {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric,
                            "mode": s.mode, "num_samples": s.num_samples, "seed": s.seed}.items()}, raw_yaml)
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-        if "://" not in s.experiment_path and (orphans := align_snapshot(s.experiment_path)):
-            print(f"repaired a snapshot torn by the kill: trial(s) {', '.join(orphans)} will be suggested again",
-                  file=sys.stderr)
-            forget_orphans(s.mlflow_uri, parent, orphans)
-        tuner = tune.Tuner.restore(s.experiment_path, trainable=make_trainable(s), resume_unfinished=True,
-                                   resume_errored=False)
+        repair = align_snapshot(s.experiment_path) if "://" not in s.experiment_path else Repair()
+        if repair.changed:
+            print(repair, file=sys.stderr)
+            forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
+        tuner = build_tuner(s, parent) if repair.restart else tune.Tuner.restore(
+            s.experiment_path, trainable=make_trainable(s), resume_unfinished=True, resume_errored=False)
     else:
         tuner = build_tuner(s, parent)
     results = tuner.fit()
