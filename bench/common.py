@@ -29,9 +29,19 @@ def make_config(kind: str, frame: int, seq: int, batch: int, extra=()) -> C.Conf
                          f"train.batch_size={batch}", *MODELS[kind], *extra])
 
 
+def add_setup_args(p, threads_help: str = "torch CPU threads (default: all cores)") -> None:
+    """The arguments `setup` reads, for the single-model benches."""
+    p.add_argument("--model", default="gopc1", choices=list(MODELS))
+    p.add_argument("--frame", type=int, default=32)
+    p.add_argument("--seq", type=int, default=10)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--threads", type=int, default=0, help=threads_help)
+
+
 def setup(a):
-    """What the single-model benches share, from their parsed arguments (threads, model, frame, seq,
-    batch, set): (device, cfg, model, optimizer, batch)."""
+    """What the single-model benches share, from the arguments of `add_setup_args`:
+    (device, cfg, model, optimizer, batch)."""
     from gopc.models import build_model
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from common import device_name, median, setup, sync, timed, train_step
+from common import add_setup_args, device_name, median, setup, sync, timed, train_step
 from gopc.guard import Guard
 
 TARGET = 0.03
@@ -36,15 +36,9 @@ def unwatched_gradient_step(model):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="gopc1", choices=["gopc1", "vae1", "gopc2"])
-    p.add_argument("--frame", type=int, default=32)
-    p.add_argument("--seq", type=int, default=10)
-    p.add_argument("--batch", type=int, default=16)
+    add_setup_args(p, "torch CPU threads (default: all cores; --smoke: 1, steadier on a shared machine)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: all cores; --smoke: 1, steadier on a shared machine)")
     p.add_argument("--smoke", action="store_true", help="frame 32, r_dim 16, seq 4, batch 4, 3 rounds, 1 thread")
     a = p.parse_args(argv)
     if a.smoke:

@@ -13,20 +13,15 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from common import device_name, setup, sync, train_step
+from common import add_setup_args, device_name, setup, sync, train_step
 from gopc.guard import Guard
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="gopc1", choices=["gopc1", "vae1", "gopc2"])
-    p.add_argument("--frame", type=int, default=32)
-    p.add_argument("--seq", type=int, default=10)
-    p.add_argument("--batch", type=int, default=16)
+    add_setup_args(p)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--rows", type=int, default=15)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: all cores)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     a = p.parse_args(argv)
     device, cfg, model, opt, x = setup(a)
     guard = Guard()

@@ -26,10 +26,11 @@ from optuna.trial import TrialState, create_trial
 from ray.tune.experiment.trial import Trial
 
 from gopc.errors import GopcError
-from gopc.sweep.searcher import DivergenceAwareOptunaSearch
+from gopc.sweep.searcher import DivergenceAwareOptunaSearch, saved_searcher
 from gopc.sweep.tracking import load_pending, save_pending
 
 SNAPSHOT = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
+FINISHED = (Trial.TERMINATED, Trial.ERROR)  # Tune reports neither to the searcher again after a restore
 
 
 def _newest(folder: str, pattern: str) -> str | None:
@@ -74,11 +75,10 @@ class Repair:
 
 def align_snapshot(folder: str) -> Repair:
     """Repairs the snapshot in `folder` in place."""
-    state, gen_path, searcher_path = (_newest(folder, p) for p in SNAPSHOT)
-    if not (state and gen_path and searcher_path):
-        return _discard(folder, load_trials(state) if state else [], searcher_path)
-    searcher = DivergenceAwareOptunaSearch(total_steps=1)  # total_steps comes back with the pickle
-    searcher.restore(searcher_path)
+    paths = state, gen_path, searcher_path = [_newest(folder, p) for p in SNAPSHOT]
+    if not all(paths):
+        return _discard(folder, paths)
+    searcher = saved_searcher(searcher_path)
     with open(gen_path, "rb") as f:
         gen = cloudpickle.load(f)
     repair = align(searcher, gen, load_trials(state))
@@ -88,16 +88,15 @@ def align_snapshot(folder: str) -> Repair:
     return repair
 
 
-def _discard(folder: str, trials: list[Trial], searcher_path: str | None) -> Repair:
-    done = [t.trial_id for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR)]
-    if searcher_path:
-        searcher = DivergenceAwareOptunaSearch(total_steps=1)
-        searcher.restore(searcher_path)
-        done += sorted(searcher._completed_trials)
+def _discard(folder: str, paths: list[str | None]) -> Repair:
+    """`paths`: the newest file of each SNAPSHOT pattern, None where there is none."""
+    state, _, searcher_path = paths
+    done = [t.trial_id for t in (load_trials(state) if state else []) if t.status in FINISHED]
+    done += sorted(saved_searcher(searcher_path)._completed_trials) if searcher_path else []
     if done:  # not the first snapshot, so not a kill: files were removed by hand
-        raise GopcError(f"--resume: the snapshot in {folder} lacks {' and '.join(p.split('-')[0] for p in SNAPSHOT if not _newest(folder, p))} "
-                        f"yet records finished trials ({', '.join(done)}); put the file back, "
-                        "or continue under another name with --set name=NEW")
+        missing = " and ".join(p for p, path in zip(SNAPSHOT, paths) if not path)
+        raise GopcError(f"--resume: the snapshot in {folder} lacks {missing} yet records finished trials "
+                        f"({', '.join(done)}); put the file back, or continue under another name with --set name=NEW")
     for entry in os.listdir(folder):
         if entry.startswith("run_trial_") or any(fnmatch.fnmatch(entry, p) for p in SNAPSHOT + ("tuner.pkl",)):
             path = os.path.join(folder, entry)
@@ -122,8 +121,7 @@ def align(searcher: DivergenceAwareOptunaSearch, gen: dict, trials: list[Trial])
         if trial.trial_id not in searcher._ot_trials:
             searcher._ot_trials[trial.trial_id] = _adopt(searcher, trial.config)
             adopted.append(trial.trial_id)
-        finished = trial.status in (Trial.TERMINATED, Trial.ERROR)
-        if finished and trial.trial_id not in searcher._completed_trials:  # Tune will not report it again
+        if trial.status in FINISHED and trial.trial_id not in searcher._completed_trials:
             error = trial.status == Trial.ERROR
             searcher.on_trial_complete(trial.trial_id, None if error else trial.last_result, error=error)
             told.append(trial.trial_id)
@@ -133,7 +131,7 @@ def align(searcher: DivergenceAwareOptunaSearch, gen: dict, trials: list[Trial])
         gen["finished"] = False
     limiter = gen.get("name:ConcurrencyLimiter")
     if isinstance(limiter, dict) and "live_trials" in limiter:
-        limiter["live_trials"] = {t.trial_id for t in trials if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+        limiter["live_trials"] = {t.trial_id for t in trials if t.status not in FINISHED}
         limiter["num_unfinished_live_trials"] = len(limiter["live_trials"])
     after = (set(searcher._ot_trials), set(searcher._completed_trials), gen["counter"], gen["finished"])
     return Repair(orphans, adopted, told, changed=before != after)
@@ -160,9 +158,9 @@ def forget_orphans(uri: str, parent_run_id: str, repair: Repair, pending_path: s
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
     client = mlflow.MlflowClient(uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
-    query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
-    for run in client.search_runs([exp_id], query):
-        if repair.restart or run.data.tags.get("trial_id") in repair.orphans:
+    def gone(trial_id) -> bool:
+        return repair.restart or trial_id in repair.orphans
+    for run in client.search_runs([exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+        if gone(run.data.tags.get("trial_id")):
             client.delete_run(run.info.run_id)
-    pending = load_pending(pending_path)
-    save_pending(pending_path, [op for op in pending if not (repair.restart or op[1] in repair.orphans)])
+    save_pending(pending_path, [op for op in load_pending(pending_path) if not gone(op[1])])  # op: (kind, trial_id, payload)

@@ -11,6 +11,8 @@ trials by how far they got, which is what an early stop means.
 """
 from __future__ import annotations
 
+import os
+
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
@@ -42,6 +44,16 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return None
         return super().on_trial_complete(trial_id, result, error)
+
+
+def saved_searcher(path: str) -> DivergenceAwareOptunaSearch:
+    """The searcher as Tune saved it: a searcher-state-*.pkl file, or the newest one in an experiment folder."""
+    searcher = DivergenceAwareOptunaSearch(total_steps=1)  # its settings come back with the pickle
+    if os.path.isdir(path):
+        searcher.restore_from_dir(path)
+    else:
+        searcher.restore(path)
+    return searcher
 
 
 def trial_status(result: dict | None, error: bool, total_steps: int) -> str:

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 
 from gopc import config as C  # noqa: E402
-from gopc.sweep.searcher import DivergenceAwareOptunaSearch, trial_status  # noqa: E402
+from gopc.sweep.searcher import saved_searcher, trial_status  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
 from gopc.sweep.tracking import finish_parent  # noqa: E402
@@ -44,9 +44,7 @@ def trial_rows(s: Settings, results) -> list[dict]:
 
 def load_study(s: Settings) -> optuna.Study:
     """The searcher's Optuna study as Tune last saved it (after fit, and after a resumed fit)."""
-    searcher = DivergenceAwareOptunaSearch(total_steps=1)
-    searcher.restore_from_dir(s.experiment_path)
-    return searcher._ot_study
+    return saved_searcher(s.experiment_path)._ot_study
 
 
 def best_row(s: Settings, rows: list[dict]) -> dict | None:
