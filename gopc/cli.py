@@ -55,12 +55,14 @@ def cmd_train(args) -> int:
         else:
             print(f"seed {seed}: completed {result.step} steps, final loss {result.losses[-1]:.2f}"
                   if result.losses else f"seed {seed}: completed")
-            print(table(result.eval))
+            print(table(result.eval, run_cfg.train.learned_margin))
         print(f"run folder: {run_dir}")
     if len(seeds) > 1:
         survivors = [s for s, r in outcomes if r.status == "completed"]
+        learned = [s for s, r in outcomes if r.outcome == "learned"]
         print(f"{len(survivors)} of {len(seeds)} seeds survived ({', '.join(map(str, survivors)) or 'none'}); "
-              f"{len(seeds) - len(survivors)} diverged")
+              f"{len(seeds) - len(survivors)} diverged; {len(learned)} learned ({', '.join(map(str, learned)) or 'none'})"
+              " (for intervals and a comparison with the baselines: sweeps/gopc2_study.py)")
     return 0
 
 
@@ -80,7 +82,7 @@ def cmd_eval(args) -> int:
     model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
     split = build_datasets(cfg.data)[args.split][: args.n]
     metrics, images = evaluate(model, split, cfg, os.path.join(args.run, f"eval-{args.split}"))
-    print(table(metrics))
+    print(table(metrics, cfg.train.learned_margin))
     print("images:", ", ".join(str(p) for p in images.values()))
     return 0
 

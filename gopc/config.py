@@ -95,6 +95,10 @@ class TrainConfig:
     ckpt_every: int = bounded(100, 1)
     eval_every: int = bounded(0, 0)  # 0 = evaluate at the end only
     eval_size: int = bounded(100, 1)  # validation sequences per evaluation
+    # `learned` needs the one-step prior's MSE this far below the better trivial prediction (blank or
+    # last frame), as a skill score; below it a finished run is `collapsed`. 0.1 from measurement:
+    # docs/verdict.md (models that track the digit score 0.2-0.3, a grey blur or black under 0.05).
+    learned_margin: float = bounded(0.1, 0.0, 1.0)
     out_dir: str = "runs"
     inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE]", SITE in INJECT_SITES
 

@@ -1,6 +1,8 @@
 """Evaluation after the thesis: posterior error over full sequences (table 3.1), one-step prior error
 decoded before the inference step (table 3.2), and the 5-context rollout from the prior alone
-(figure 3.4); each beside the blank-frame score, so a model that predicts nothing cannot look good."""
+(figure 3.4). Each stands beside the trivial predictions (a blank frame; for the prior and the rollout,
+the last frame too) with a skill score over the better of them, so a model that predicts nothing cannot
+look good: a run whose one-step prior does not beat them by `train.learned_margin` is `collapsed`."""
 from __future__ import annotations
 
 import json
@@ -11,9 +13,10 @@ import torch
 from gopc.config import Config
 from gopc.data import to_float
 from gopc.images import curves_plot, inference_grid, rollout_grid
-from gopc.metrics import blank_frame_scores, curve, frame_metrics, summarise
+from gopc.metrics import SKILL_METRICS, curve, frame_metrics, last_frame_prediction, skill, summarise
 
 SECTIONS = ("posterior", "prior", "rollout")
+METRIC_NAMES = ("mse", "bce", "psnr", "ssim")  # the summaries, without their _std
 
 
 def context_frames(cfg: Config) -> int:
@@ -40,10 +43,20 @@ def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, 
     frames = {"posterior": slice(0, None), "prior": slice(1, None), "rollout": slice(ctx, None)}
     metrics, curves = {}, {}
     for name, sel in frames.items():
-        per = frame_metrics(pred[name][:, sel], x[:, sel])
+        target = x[:, sel]
+        per = frame_metrics(pred[name][:, sel], target)
+        blank = frame_metrics(torch.zeros_like(target), target)
         metrics.update({f"{name}/{k}": v for k, v in summarise(per).items()})
-        metrics.update({f"{name}/blank_{k}": v for k, v in blank_frame_scores(x[:, sel]).items()})
-        curves[name] = curve(per)  # per-step means of every metric
+        metrics.update({f"{name}/blank_{k}": v for k, v in summarise(blank).items() if k in METRIC_NAMES})
+        curves[name] = {**curve(per), "blank_mse": curve(blank)["mse"]}  # per-step means of every metric
+        refs = ["blank"]
+        if name != "posterior":  # the posterior sees its frame: only the blank frame is trivial for it
+            last = frame_metrics(last_frame_prediction(x, sel.start, ctx if name == "rollout" else None), target)
+            metrics.update({f"{name}/last_{k}": v for k, v in summarise(last).items() if k in METRIC_NAMES})
+            curves[name]["last_mse"] = curve(last)["mse"]
+            refs.append("last")
+        for k in SKILL_METRICS:
+            metrics[f"{name}/skill_{k}"] = skill(k, metrics[f"{name}/{k}"], *(metrics[f"{name}/{r}_{k}"] for r in refs))
     if out_dir is None:
         return metrics, {}
     os.makedirs(out_dir, exist_ok=True)
@@ -54,17 +67,79 @@ def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, 
         "inference": inference_grid(x, pred["prior"], pred["posterior"], os.path.join(out_dir, "inference.png")),
         "rollout": rollout_grid(x, pred["rollout"], os.path.join(out_dir, "rollout.png"), context=ctx),
         "rollout_curve": curves_plot(
-            {"rollout mse": curves["rollout"]["mse"], "blank": [metrics["rollout/blank_mse"]] * len(curves["rollout"]["mse"])},
+            {"rollout mse": curves["rollout"]["mse"], "blank": curves["rollout"]["blank_mse"],
+             "last frame": curves["rollout"]["last_mse"]},
             os.path.join(out_dir, "rollout_curve.png"), f"per-pixel MSE by step after {ctx} context frames"),
     }
     return metrics, images
 
 
-def table(metrics: dict) -> str:
-    """The thesis tables as text: each error beside the blank-frame score."""
-    rows = [f"{'':10} {'MSE':>8} {'blank':>8} {'BCE':>8} {'blank':>8} {'PSNR':>6} {'SSIM':>6}"]
+TEST_DIR = "test"  # a run folder's test-split evaluation (a study's trials), beside eval/ (validation)
+SHOWN = 3  # test sequences whose predictions are kept, for pictures that put models side by side
+
+
+def load_trained(run_dir: str, device: str = "cpu"):
+    """The run's config and its model with the checkpoint's weights."""
+    from gopc.config import load
+    from gopc.models import build_model
+    cfg = load(os.path.join(run_dir, "config.yaml"))
+    model = build_model(cfg).to(device)
+    model.load_state_dict(torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location=device, weights_only=False)["model"])
+    return cfg, model
+
+
+def evaluate_saved(run_dir: str, split: str, out_dir: str, n: int | None = None) -> dict:
+    """Evaluates a finished run on a split (all of it unless n): the metrics, and in out_dir the grids,
+    curves.json, metrics.json and predictions.npz (truth and rollout of the first SHOWN sequences, uint8)."""
+    import numpy as np
+
+    from gopc.data import build_datasets
+    cfg, model = load_trained(run_dir)
+    sequences = build_datasets(cfg.data)[split][:n]
+    metrics, _ = evaluate(model, sequences, cfg, out_dir)
+    x, pred = predict_all(model, sequences[:SHOWN], cfg)
+    as_bytes = lambda t: (t.clamp(0, 1).nan_to_num(0) * 255).round().to(torch.uint8).numpy()  # noqa: E731
+    np.savez_compressed(os.path.join(out_dir, "predictions.npz"), truth=as_bytes(x), rollout=as_bytes(pred["rollout"]),
+                        context=context_frames(cfg))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    return metrics
+
+
+def outcome(metrics: dict, margin: float) -> str:
+    """`learned` when the one-step prior's MSE beats the better trivial prediction by at least `margin`
+    (skill 0.1 = 10% lower error), else `collapsed`. MSE, because a model that has learned only the mean
+    image (a grey blur) still beats a blank frame on BCE by far, but on MSE by a few percent at most."""
+    return "learned" if metrics.get("prior/skill_mse", float("nan")) >= margin else "collapsed"
+
+
+def outcome_line(metrics: dict, margin: float) -> str:
+    s = metrics.get("prior/skill_mse", float("nan"))
+    if outcome(metrics, margin) == "learned":
+        return (f"outcome: learned: the one-step prior's MSE is {s:.0%} below the better trivial prediction "
+                f"(blank or last frame; margin {margin:.0%})")
+    return (f"outcome: collapsed: the one-step prior's MSE is {s:+.0%} against the better trivial prediction "
+            f"(blank or last frame; margin {margin:.0%}); this model has learned nothing useful")
+
+
+def scored_line(metrics: dict, prefix: str = "") -> str:
+    """The one-step prior against the trivial predictions in one line; `prefix` as the keys have it ("val/")."""
+    v = lambda k: float(metrics.get(f"{prefix}prior/{k}", "nan") or "nan")  # noqa: E731
+    return (f"prior MSE {v('mse'):.4f} against blank {v('blank_mse'):.4f} and last frame {v('last_mse'):.4f} "
+            f"(skill {v('skill_mse'):+.2f}); SSIM {v('ssim'):.3f} against {v('blank_ssim'):.3f} / "
+            f"{v('last_ssim'):.3f} (skill {v('skill_ssim'):+.2f})")
+
+
+def table(metrics: dict, margin: float | None = None) -> str:
+    """The thesis tables as text: each error beside the blank-frame and last-frame scores and the skill
+    over the better of them (above 0: beats both), then the outcome line when a margin is given."""
+    head = "".join(f" | {k.upper():>6} {'blank':>6} {'last':>6} {'skill':>6}" for k in SKILL_METRICS)
+    rows = [f"{'':9}{head}"]
     for name in SECTIONS:
         m = lambda k: metrics.get(f"{name}/{k}", float("nan"))  # noqa: E731
-        rows.append(f"{name:10} {m('mse'):8.4f} {m('blank_mse'):8.4f} {m('bce'):8.4f} {m('blank_bce'):8.4f} "
-                    f"{m('psnr'):6.2f} {m('ssim'):6.3f}")
+        rows.append(f"{name:9}" + "".join(f" | {m(k):6.4f} {m('blank_' + k):6.4f} {m('last_' + k):6.4f} "
+                                          f"{m('skill_' + k):+6.2f}" for k in SKILL_METRICS)
+                    .replace("   nan", "     -"))
+    if margin is not None:
+        rows.append(outcome_line(metrics, margin))
     return "\n".join(rows)

@@ -97,3 +97,31 @@ def curve(per_frame: dict[str, torch.Tensor]) -> dict[str, list[float]]:
 def blank_frame_scores(target: torch.Tensor) -> dict[str, float]:
     """Summary for an all-zero prediction: the baseline a model must beat (MNIST in 64x64: mse about 0.02)."""
     return summarise(frame_metrics(torch.zeros_like(target), target))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trivial predictions and skill: a model is judged against what predicting nothing already scores.
+
+SKILL_METRICS = ("mse", "bce", "ssim")  # PSNR is a transform of MSE, so it gets no skill of its own
+
+
+def last_frame_prediction(x: torch.Tensor, first: int, context: int | None = None) -> torch.Tensor:
+    """Copy-last-frame prediction of frames first..T-1 of x (B, T, 1, H, W), the standard trivial baseline of
+    video prediction: one-step, each frame is predicted by the true frame before it; in a rollout after
+    `context` frames, every future frame is predicted by the last context frame (all the model saw)."""
+    if first < 1:
+        raise ValueError("the copy-last-frame prediction needs a frame before the first predicted one")
+    if context is None:
+        return x[:, first - 1:-1]
+    return x[:, context - 1:context].expand_as(x[:, first:])
+
+
+def skill(metric: str, model: float, *references: float) -> float:
+    """How much better `model` is than the best of the references, as a skill score: 1 - m/ref for errors
+    (perfect = 0), (m - ref) / (1 - ref) for SSIM (perfect = 1). Above 0: better than every reference;
+    1: perfect; below 0: worse than predicting nothing."""
+    if metric == "ssim":
+        ref = max(references)
+        return (model - ref) / (1 - ref) if ref < 1 else float("nan")
+    ref = min(references)
+    return 1 - model / ref if ref > 0 else float("nan")

@@ -63,5 +63,5 @@ class MlflowHooks(Hooks):
         ckpt = os.path.join(self.run_dir, "checkpoint.pt")
         if os.path.exists(ckpt):
             self.mlflow.log_artifact(ckpt)
-        self.mlflow.set_tag("status", result.status)
+        self.mlflow.set_tag("status", result.outcome)  # learned / collapsed / diverged
         self.mlflow.end_run()

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from gopc import config as C
 from gopc.data import build_datasets, to_float
-from gopc.evaluate import evaluate
+from gopc.evaluate import evaluate, outcome
 from gopc.guard import Divergence, Guard
 from gopc.models import build_model, n_params
 
@@ -46,6 +46,7 @@ class Result:
     eval: dict = field(default_factory=dict)
     divergence: Divergence | None = None
     run_dir: str = ""
+    outcome: str = ""  # learned | collapsed (a completed run, judged against trivial predictions) | diverged
 
 
 def pick_device(name: str) -> torch.device:
@@ -139,7 +140,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         # bad data is not divergence: the guard raises a DataError for it, in the same sync
         record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt, torch.isfinite(x).all())
         if record is not None:  # stop before the optimizer can write a non-finite value
-            result.status, result.divergence, result.step = "diverged", record, step
+            result.status, result.outcome, result.divergence, result.step = "diverged", "diverged", record, step
             with open(os.path.join(run_dir, "divergence.json"), "w") as f:
                 json.dump(record.to_dict(), f, indent=1)
             bar.close()
@@ -167,6 +168,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
     with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
         json.dump(result.eval, f, indent=1)
+    result.outcome = outcome(result.eval, t_cfg.learned_margin)
     hooks.evaluated(result.step, result.eval, images)
     hooks.finished(result)
     return result

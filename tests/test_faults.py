@@ -26,7 +26,7 @@ from gopc.sweep.run import main as sweep_main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 SWEEP_PY = os.path.join(ROOT, "sweeps", "gopc2_stability.py")
-TERMINAL = {"completed", "diverged", "stopped early", "errored"}
+TERMINAL = {"learned", "collapsed", "diverged", "stopped early", "errored"}
 FAST = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "base.train.steps=40", "--set", "start_points=[{stab.out_act: sigmoid}]"]
 
 
@@ -87,7 +87,7 @@ def test_trials_that_raise_or_run_out_of_memory_are_errored_and_the_sweep_goes_o
     by_status = {}
     for r in runs:
         by_status.setdefault(r.data.tags["status"], []).append(r)
-    assert len(by_status["errored"]) == 2 and len(by_status["completed"]) == 1
+    assert len(by_status["errored"]) == 2 and len(by_status.get("learned", []) + by_status.get("collapsed", [])) == 1
     reasons = " ".join(r.data.tags["error"] for r in by_status["errored"])
     assert "injected failure" in reasons and "OutOfMemoryError" in reasons
     assert parents[0].data.tags["status"] == "completed"
@@ -222,7 +222,7 @@ def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
             try:
                 with sqlite3.connect(tmp_path / "server.db", timeout=1) as con:
                     return con.execute("select count(*) from tags where key='status' and value in "
-                                       "('completed','diverged','stopped early')").fetchone()[0]
+                                       "('learned','collapsed','diverged','stopped early')").fetchone()[0]
             except sqlite3.Error:
                 return 0
 

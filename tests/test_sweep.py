@@ -24,7 +24,7 @@ from gopc.sweep.summary import load_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
-TERMINAL = {"completed", "diverged", "stopped early", "errored"}
+TERMINAL = {"learned", "collapsed", "diverged", "stopped early", "errored"}
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +55,21 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
     children = runs_of(client, "trial")
     assert len(children) == 6 and len({c.data.tags["trial_id"] for c in children}) == 6
     statuses = [c.data.tags["status"] for c in children]
-    assert set(statuses) <= TERMINAL and "diverged" in statuses and "completed" in statuses
+    assert set(statuses) <= TERMINAL and "diverged" in statuses and {"learned", "collapsed"} & set(statuses)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["model.kind"] == "gopc2" and "stab.out_act" in child.data.params
         assert "objective" in child.data.metrics
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
-        if child.data.tags["status"] in ("completed", "stopped early"):  # stopped ones show their last grids
+        if child.data.tags["status"] in ("learned", "collapsed", "stopped early"):  # stopped ones show their last grids
             images = {a.path for a in client.list_artifacts(child.info.run_id, "eval")}
             assert {"eval/inference.png", "eval/rollout.png"} <= images
             assert "val/prior/mse" in child.data.metrics
         if child.data.tags["status"] == "diverged":
             assert "divergence.json" in artifacts and child.data.tags["diverged_quantity"]
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"trials.csv", "best_config.yaml", "search_space.yaml", "divergence_by_stabilizer.png",
+    assert {"trials.csv", "best_config.yaml", "search_space.yaml", "outcome_by_stabilizer.png",
             "optimisation_history.png", "param_importances.png"} <= parent_files
     assert parent.data.metrics["n_trials"] == 6 and parent.data.metrics["n_diverged"] >= 1
 
@@ -105,15 +105,19 @@ def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors
     folder, settings, client = smoke
     monkeypatch.chdir(folder)
     assert gopc_main(["best", "--sweep", "gopc2_stability", "--top", "2", "-o", str(tmp_path / "best")]) == 0
-    completed = [c for c in runs_of(client, "trial") if c.data.tags["status"] == "completed"]
+    trials = runs_of(client, "trial")
+    completed = [c for c in trials if c.data.tags["status"] in ("learned", "collapsed")]
     written = sorted(p.name for p in (tmp_path / "best").iterdir())
     assert written == [f"best-{i}.yaml" for i in range(1, min(2, len(completed)) + 1)]  # best first
     best = tmp_path / "best" / "best-1.yaml"
-    objective = min(c.data.metrics["objective"] for c in completed)
-    assert f"objective {objective}" in best.read_text().splitlines()[0]
+    learned = [c for c in completed if c.data.tags["status"] == "learned"]
+    top = min(learned or completed, key=lambda c: c.data.metrics["objective"])  # learned ones first
+    header = best.read_text().splitlines()[0]
+    assert f"objective {top.data.metrics['objective']}, {top.data.tags['status']}: validation prior MSE" in header
+    assert "against blank" in header and "last frame" in header
     assert yaml.safe_load(best.read_text())["model"]["kind"] == "gopc2"
     assert gopc_main(["train", "--config", str(best), "--out", str(tmp_path / "final"), "--quiet"]) == 0
-    assert "completed" in capsys.readouterr().out
+    assert re.search(r"completed \d+ steps.*\n(.*\n){4}outcome: (learned|collapsed): ", capsys.readouterr().out)
     assert gopc_main(["train", "--config", str(best), "--seeds", "0,1", "--set", "train.steps=4",
                       "--out", str(tmp_path / "seeds"), "--quiet", "--no-mlflow"]) == 0
     assert re.search(r"\d of 2 seeds survived", capsys.readouterr().out)
@@ -203,7 +207,7 @@ def _finished_children(db: str) -> int:
     try:
         with sqlite3.connect(db, timeout=1) as con:
             return con.execute("select count(*) from tags where key='status' and value in "
-                               "('completed','diverged','stopped early')").fetchone()[0]
+                               "('learned','collapsed','diverged','stopped early')").fetchone()[0]
     except sqlite3.Error:
         return 0
 

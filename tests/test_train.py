@@ -46,7 +46,8 @@ def test_gopc1_trains_and_logs_everything_to_mlflow(tmp_path, monkeypatch, capsy
     steps, losses = [m.step for m in history], [m.value for m in history]
     assert steps[0] == 1 and steps[-1] == 200 and set(range(20, 201, 20)) <= set(steps)
     assert losses[-1] <= 0.5 * losses[0], losses  # 200 CPU steps at least halve the training loss
-    assert run.data.params["train.lr"] == "0.003" and run.data.tags["status"] == "completed"
+    assert run.data.params["train.lr"] == "0.003" and run.data.tags["status"] in ("learned", "collapsed")
+    assert f"outcome: {run.data.tags['status']}:" in out  # the printed outcome is the one MLflow holds
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoint.pt", "eval"} <= artifacts
     images = {a.path for a in client.list_artifacts(run.info.run_id, "eval/step-200")}

@@ -9,13 +9,16 @@ import yaml
 
 from gopc import config as C
 from gopc.errors import GopcError
+from gopc.evaluate import scored_line
+from gopc.sweep.searcher import COMPLETED
 from gopc.sweep.tracking import find_parent
 from gopc.tracking import resolve_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "") -> list[str]:
+def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "") -> list[tuple]:
+    """The sweep's top trials as (MLflow run, run config), best first: learned trials before collapsed ones."""
     if top < 1:
         raise GopcError(f"--top: {top} must be at least 1")
     uri = resolve_uri(tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
@@ -25,23 +28,30 @@ def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", expe
     if parent is None:
         raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
     order = "ASC" if parent.data.params.get("sweep.mode", "min") == "min" else "DESC"
-    runs = client.search_runs(
-        [exp.experiment_id],
-        f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.status = 'completed'",
-        order_by=[f"metrics.objective {order}"], max_results=top)
+    runs = []
+    for status in COMPLETED:  # learned trials first; collapsed ones only to fill up, and the header says so
+        runs += client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.status = '{status}'",
+            order_by=[f"metrics.objective {order}"], max_results=top - len(runs)) if len(runs) < top else []
     if not runs:
-        raise GopcError(f"--sweep: sweep {sweep!r} has no completed trial yet; nothing to export")
+        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
     configs = []
     for run in runs:  # check every config before writing any file
         with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:
             configs.append((run, C.from_dict(yaml.safe_load(f))))
+    return configs
+
+
+def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "") -> list[str]:
+    configs = best_configs(sweep, top, tracking_uri, experiment)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i, (run, cfg) in enumerate(configs, 1):
         path = os.path.join(out_dir, f"best-{i}.yaml")
         with open(path, "w") as f:
             f.write(f"# sweep {sweep}, trial {run.info.run_name} (MLflow run {run.info.run_id}), "
-                    f"objective {run.data.metrics.get('objective')}\n")
+                    f"objective {run.data.metrics.get('objective')}, {run.data.tags['status']}: "
+                    f"validation {scored_line(run.data.metrics, 'val/')}\n")
             f.write(C.dump(cfg))
         paths.append(path)
     return paths

@@ -1,5 +1,8 @@
-"""The sweep driver: the same script on a laptop (Ray starts locally, MLflow in a SQLite file) and on
-a cluster (`ray submit cluster/gpu.yaml sweeps/gopc2_stability.py`: it joins the running cluster).
+"""The one driver of every experiment on Ray: a sweep (an Optuna search, sweeps/gopc2_stability.py)
+or a study (arms x seeds, the verdict, sweeps/gopc2_study.py). The same script runs on a laptop (Ray
+starts locally, MLflow in a SQLite file) and on a cluster (`ray submit cluster/gpu.yaml sweeps/...`:
+it joins the running cluster). What differs between the two kinds is a `Kind`; the trainable, the
+MLflow tracker, fault tolerance and resume are shared.
 
     python sweeps/gopc2_stability.py [--config sweeps/gopc2_stability.yaml] [--preset smoke]
                                      [--set num_samples=64] [--resume]
@@ -9,6 +12,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import dataclass
+from typing import Callable
 
 import yaml
 
@@ -24,9 +29,22 @@ from gopc.errors import ConfigError, GopcError
 from gopc.sweep import settings as S
 
 
-def parse_args(argv, default_config: str):
+@dataclass(frozen=True)
+class Kind:
+    """What differs between a sweep and a study."""
+    prog: str
+    description: str
+    load: Callable  # (path, preset, overrides) -> settings
+    tune_setup: Callable  # (settings) -> (TuneConfig, param_space or None, parameter columns for the progress table)
+    summarise: Callable  # (settings, results, parent_run_id) -> ["label: path", ...] for the end of the output
+    parent_params: Callable  # (settings) -> params of the MLflow parent run
+    searched: bool  # Tune's snapshot holds an Optuna searcher, which --resume aligns with the trial list
+    test: bool = False  # trials are evaluated on the test split at the end (a study's verdict)
+
+
+def parse_args(argv, default_config: str, kind: "Kind"):
     from gopc.cli import _Parser  # command-line mistakes: one line and exit 2, like every bad input
-    p = _Parser(prog="gopc2_stability", description="Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow")
+    p = _Parser(prog=kind.prog, description=kind.description)
     p.add_argument("--config", default=default_config, help="sweep settings YAML (default: %(default)s)")
     p.add_argument("--preset", help="a preset of the settings file, e.g. smoke")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. num_samples=64")
@@ -101,53 +119,64 @@ def check_tracking(uri: str) -> None:
                           "(see README), or set tracking_uri: '' for a local SQLite file") from None
 
 
-def make_trainable(s: S.Settings):
+def make_trainable(s: S.Common, kind: Kind):
     from ray import tune
 
     from gopc.sweep.trainable import run_trial
     return tune.with_resources(
-        tune.with_parameters(run_trial, base=s.base, metric=s.metric, penalty=s.penalty, report_every=s.report_every),
+        tune.with_parameters(run_trial, bases=s.bases, metric=s.metric, penalty=s.penalty,
+                             report_every=s.report_every, test=kind.test),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
-def build_tuner(s: S.Settings, parent_run_id: str):
+def sweep_setup(s: S.Settings):
+    """A search: Optuna's TPE proposes the trials, ASHA stops the slow-but-finite ones."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from gopc.sweep.searcher import DivergenceAwareOptunaSearch
     from gopc.sweep.space import SearchSpace
-    from gopc.sweep.tracking import SweepTracker
 
-    steps = C.from_dict(s.base).train.steps
+    base = C.from_dict(s.base)
+    steps = base.train.steps
     iterations = -(-steps // s.report_every)
     searcher = DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode,
-                                           seed=s.seed, total_steps=steps,
+                                           seed=s.seed, total_steps=steps, margin=base.train.learned_margin,
                                            points_to_evaluate=s.start_points or None)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
                                reduction_factor=s.scheduler.reduction_factor)
                  if s.scheduler.type == "asha" else FIFOScheduler())
+    config = tune.TuneConfig(metric="objective", mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                             num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent)
+    # conditional parameters are absent from some trials, which the progress table cannot show
+    return config, None, {p.name: p.name.split(".")[1] for p in s.space if not p.when}
+
+
+def build_tuner(s: S.Common, parent_run_id: str, kind: Kind):
+    from ray import tune
+
+    from gopc.sweep.tracking import SweepTracker
+
+    steps = C.from_dict(s.base).train.steps
+    tune_config, param_space, columns = kind.tune_setup(s)
     return tune.Tuner(
-        make_trainable(s),
-        tune_config=tune.TuneConfig(metric="objective", mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent),
+        make_trainable(s, kind), param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(
             name=s.name, storage_path=s.storage_path, verbose=1,
             progress_reporter=tune.CLIReporter(
-                metric_columns={"step": "step", "objective": s.metric, "diverged": "diverged"},
-                # conditional parameters are absent from some trials, which this reporter cannot show
-                parameter_columns={p.name: p.name.split(".")[1] for p in s.space if not p.when},
-                max_report_frequency=30),
+                metric_columns={"step": "step", "objective": s.metric, "val/prior/skill_mse": "skill",
+                                "learned": "learned", "diverged": "diverged"},
+                parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.base, steps, pending_path(s))]),
+            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps, pending_path(s))]),
     )
 
 
-def run(s: S.Settings, resume: bool, raw_yaml: str):
+def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
     from ray import tune
 
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
-    from gopc.sweep.summary import summarise
     from gopc.sweep.tracking import start_parent
 
     exists = tune.Tuner.can_restore(s.experiment_path)
@@ -159,33 +188,46 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
     check_tracking(s.mlflow_uri)
     connect_ray()
     check_resources(s)
-    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume,
-                          {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric,
-                           "mode": s.mode, "num_samples": s.num_samples, "seed": s.seed}.items()}, raw_yaml)
+    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml)
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-        repair = align_snapshot(s.experiment_path) if "://" not in s.experiment_path else Repair()
+        local = "://" not in s.experiment_path
+        repair = align_snapshot(s.experiment_path) if kind.searched and local else Repair()
         if repair.changed:
             print(repair, file=sys.stderr)
             forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
-        tuner = build_tuner(s, parent) if repair.restart else tune.Tuner.restore(
-            s.experiment_path, trainable=make_trainable(s), resume_unfinished=True, resume_errored=False)
+        tuner = build_tuner(s, parent, kind) if repair.restart else tune.Tuner.restore(
+            s.experiment_path, trainable=make_trainable(s, kind), resume_unfinished=True, resume_errored=False)
     else:
-        tuner = build_tuner(s, parent)
+        tuner = build_tuner(s, parent, kind)
     results = tuner.fit()
-    return summarise(s, results, parent)
+    return kind.summarise(s, results, parent)
 
 
-def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml") -> int:
+def sweep_params(s: S.Settings) -> dict:
+    return {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric, "mode": s.mode,
+                                         "num_samples": s.num_samples, "seed": s.seed}.items()}
+
+
+def _summarise_sweep(s, results, parent):
+    from gopc.sweep.summary import summarise
+    return [f"best config: {summarise(s, results, parent)}"]
+
+
+SWEEP = Kind("gopc2_stability", "Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow",
+             S.load, sweep_setup, _summarise_sweep, sweep_params, searched=True)
+
+
+def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
     try:
-        args = parse_args(argv, default_config)
+        args = parse_args(argv, default_config, kind)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
-        s = S.load(args.config, args.preset, args.set)
-        best_path = run(s, args.resume, raw_yaml)
+        s = kind.load(args.config, args.preset, args.set)
+        where = run(s, args.resume, raw_yaml, kind)
     except GopcError as e:
-        print(f"gopc2_stability: error: {e}", file=sys.stderr)
+        print(f"{kind.prog}: error: {e}", file=sys.stderr)
         return 2
     uri = s.mlflow_uri
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite")
           else f"open {uri} (on a cluster: ray dashboard cluster/gpu.yaml --port 5000 --remote-port 5000)")
-    print(f"\nbest config: {best_path}\nMLflow UI:   {ui}\n")
+    print("\n" + "\n".join(where + [f"MLflow UI: {ui}"]) + "\n")
     return 0

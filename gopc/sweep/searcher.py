@@ -1,13 +1,19 @@
-"""OptunaSearch that learns from diverged trials.
+"""OptunaSearch that learns from diverged and collapsed trials.
 
 Left alone, Ray + Optuna lose exactly the trials this service exists to study: a NaN objective leaves
 the Optuna trial RUNNING forever, and a trial that raises becomes FAIL, which TPE ignores, so the
 sampler keeps proposing the unstable region. Here a diverged trial reports a finite penalty (it never
-raises), and this searcher tells Optuna COMPLETE(penalty) plus a positive constraint. Optuna 5's TPE
-ranks every infeasible trial below every feasible one whatever the values, and infeasible ones among
-themselves by the constraint, which we make larger the earlier the trial diverged. A trial that ASHA
+raises), and this searcher tells Optuna COMPLETE(penalty) plus a positive constraint. A trial that ASHA
 stopped early is told PRUNED rather than COMPLETE with an under-trained value: TPE ranks pruned
 trials by how far they got, which is what an early stop means.
+
+Finite is not trained: a trial whose one-step prior is no better than a blank or the last frame
+(`collapsed`, see gopc/evaluate.py) gets a positive constraint too, smaller than any divergence's.
+Why a constraint and not the objective: the objective stays the metric itself, so values, plots and
+Optuna's importances mean what they say; and Optuna 5's TPE ranks every feasible (learned) trial above
+every pruned one, and those above every infeasible one, infeasible ones by their violation. So TPE
+models "good" as: learned by objective, then stopped early, then collapsed by how far below the margin
+(a gradient towards learning even before any trial has learned), then diverged, later before earlier.
 """
 from __future__ import annotations
 
@@ -17,15 +23,27 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 
+COMPLETED = ("learned", "collapsed")  # the statuses of a trial that trained to the end
+
+
 def divergence_constraint(diverged_step: int, total_steps: int) -> float:
     """> 0 means infeasible; 1 for a trial that diverged on its last step, up to 2 on its first."""
     return 1.0 + max(0.0, 1.0 - diverged_step / max(total_steps, 1))
 
 
+def collapse_constraint(result: dict, margin: float) -> float:
+    """0 for a trial whose last validation learned; else in (0, 1), growing with how far its prior skill
+    fell short of the margin, so that every collapsed trial ranks above every diverged one."""
+    if result.get("learned"):
+        return 0.0
+    gap = margin - float(result.get("val/prior/skill_mse", float("nan")))
+    return gap / (1 + gap) if gap == gap else 0.999  # NaN skill: as bad as collapsing gets
+
+
 class DivergenceAwareOptunaSearch(OptunaSearch):
-    def __init__(self, *args, total_steps: int, **kwargs):
+    def __init__(self, *args, total_steps: int, margin: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)
-        self.total_steps = total_steps
+        self.total_steps, self.margin = total_steps, margin
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
@@ -34,11 +52,15 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         status = trial_status(result, error, self.total_steps)
         ot_trial.set_user_attr("status", status)
         ot_trial.set_user_attr("diverged", float(status == "diverged"))
+        if result and "val/prior/skill_mse" in result:
+            ot_trial.set_user_attr("prior_skill_mse", float(result["val/prior/skill_mse"]))
         if status == "diverged":
             ot_trial.set_user_attr("diverged_step", int(result["step"]))
             ot_trial.set_constraint("diverged", divergence_constraint(int(result["step"]), self.total_steps))
         else:
             ot_trial.set_constraint("diverged", 0.0)
+        if status in COMPLETED or status == "stopped early":
+            ot_trial.set_constraint("collapsed", collapse_constraint(result or {}, self.margin))
         if status == "stopped early":
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
@@ -57,7 +79,7 @@ def saved_searcher(path: str) -> DivergenceAwareOptunaSearch:
 
 
 def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
-    """completed / diverged / stopped early / errored: the status tag of a finished trial."""
+    """learned / collapsed / diverged / stopped early / errored: the status tag of a finished trial."""
     if error:
         return "errored"
     if not result:  # stopped before it ever reported
@@ -66,4 +88,4 @@ def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
         return "diverged"
     if result.get("step", 0) < total_steps:
         return "stopped early"
-    return "completed"
+    return "learned" if result.get("learned") else "collapsed"

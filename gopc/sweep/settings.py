@@ -1,4 +1,5 @@
-"""A sweep's settings (sweeps/*.yaml): what to search, how to search and stop, where results go."""
+"""An experiment's settings (sweeps/*.yaml): a sweep's (what to search, how to search and stop) or a
+study's (gopc/sweep/study.py), and what they share: where results go, resources, retries."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,23 +30,24 @@ class Resources:
 
 
 @dataclass
-class Settings:
+class Common:
+    """What every experiment run on Ray has: a name, where results go, how trials run and retry."""
     name: str = "gopc2_stability"
     metric: str = "prior/mse"  # the objective: a validation metric of the run's evaluation
     mode: str = C.choice("min", "min", "max")
-    num_samples: int = C.bounded(32, 1)
     max_concurrent: int = C.bounded(4, 1)
-    seed: int = 0
     report_every: int = C.bounded(20, 1)  # training steps per Tune iteration (each ends in validation)
     max_failures: int = C.bounded(2, -1)  # retries of a trial whose worker died (-1: forever)
     storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
     tracking_uri: str = ""  # "" = $GOPC_TRACKING_URI or sqlite:///./mlflow.db
     experiment: str = ""  # MLflow experiment; "" = the sweep name
-    scheduler: Scheduler = field(default_factory=Scheduler)
     resources: Resources = field(default_factory=Resources)
     base: dict = field(default_factory=dict)  # run config shared by every trial
-    start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
-    space: list[Param] = field(default_factory=list)
+
+    @property
+    def bases(self) -> dict[str, dict]:
+        """Each arm's run config (see space.trial_config); a sweep has one, named ""."""
+        return {"": self.base}
 
     @property
     def storage_path(self) -> str:
@@ -70,6 +72,15 @@ class Settings:
         return 1e6 if self.mode == "min" else -1e6
 
 
+@dataclass
+class Settings(Common):
+    num_samples: int = C.bounded(32, 1)
+    seed: int = 0
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
+    space: list[Param] = field(default_factory=list)
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -77,13 +88,14 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
+def resolve(raw: dict, preset: str | None, overrides: list[str] | None, cls, what: str) -> dict:
+    """The settings file with its preset merged in and the --set overrides applied, keys checked against cls."""
     if not isinstance(raw, dict):
-        raise ConfigError("sweep: expected a mapping of settings")
+        raise ConfigError(f"{what}: expected a mapping of settings")
     presets = raw.pop("presets", {}) or {}
     if preset:
         if preset not in presets:
-            raise ConfigError(f"--preset: {preset!r} is not defined; this sweep has {sorted(presets) or 'none'}")
+            raise ConfigError(f"--preset: {preset!r} is not defined; this file has {sorted(presets) or 'none'}")
         if not isinstance(presets[preset], dict):
             raise ConfigError(f"presets.{preset}: expected a mapping of settings, got {presets[preset]!r}")
         raw = _merge(raw, presets[preset])
@@ -101,12 +113,15 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
             node[last] = yaml.safe_load(value)
         except yaml.YAMLError:
             node[last] = value  # as for the run config's --set: the field's own check names the problem
-    known = {f.name for f in dataclasses.fields(Settings)}
+    known = {f.name for f in dataclasses.fields(cls)}
     if unknown := [k for k in raw if k not in known]:
-        raise ConfigError(f"sweep.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
-    flat = {k: v for k, v in raw.items() if k not in ("scheduler", "resources", "base", "space", "start_points")}
-    s = C._section(Settings, "sweep", {k: v for k, v in flat.items()})
-    s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
+        raise ConfigError(f"{what}.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
+    return raw
+
+
+def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
+    """The scalar settings of `cls`, its resources and its checked base; `nested` names the keys the caller parses."""
+    s = C._section(cls, what, {k: v for k, v in raw.items() if k not in ("resources", "base") + nested})
     s.resources = C._section(Resources, "resources", raw.get("resources"))
     base = raw.get("base") or {}
     try:
@@ -114,18 +129,26 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         raise ConfigError(f"base.{e}") from None
     s.base = base
+    if s.resources.cpu <= 0 and s.resources.gpu <= 0:
+        raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
+    if not s.name.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"{what}.name: {s.name!r} may hold only letters, digits, '-' and '_'")
+    if s.metric not in OBJECTIVES:
+        raise ConfigError(f"{what}.metric: {s.metric!r} is not one of {OBJECTIVES}")
+    return s
+
+
+def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
+    raw = resolve(raw, preset, overrides, Settings, "sweep")
+    s = parse_common(raw, Settings, "sweep", ("scheduler", "space", "start_points"))
+    s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
+    base = s.base
     s.space = parse_space(raw.get("space"), base)
     s.start_points = parse_start_points(raw.get("start_points") or [], s.space, base)
-    if s.metric not in OBJECTIVES:
-        raise ConfigError(f"sweep.metric: {s.metric!r} is not one of {OBJECTIVES}")
     iterations = -(-C.from_dict(base).train.steps // s.report_every)
     if s.scheduler.type == "asha" and s.scheduler.grace_period > iterations:
         raise ConfigError(f"scheduler.grace_period: {s.scheduler.grace_period} iterations, but a trial has only "
                           f"{iterations} (base.train.steps / report_every); lower it or train longer")
-    if s.resources.cpu <= 0 and s.resources.gpu <= 0:
-        raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
-    if not s.name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"sweep.name: {s.name!r} may hold only letters, digits, '-' and '_'")
     return s
 
 

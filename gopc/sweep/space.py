@@ -128,6 +128,11 @@ class SearchSpace:
         return None
 
 
+def trial_config(bases: dict[str, dict], config: dict) -> C.Config:
+    """A Tune trial's run config: its arm's base (a sweep has one arm, named "") with the trial's values."""
+    return apply(bases[config.get("arm", "")], {k: v for k, v in config.items() if k != "arm"})
+
+
 def apply(base: dict, sampled: dict) -> C.Config:
     """The trial's full run config: the sweep's base with the sampled `section.key` values on top."""
     raw = {s: dict(v or {}) for s, v in base.items()}

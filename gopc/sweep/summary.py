@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 
 from gopc import config as C  # noqa: E402
-from gopc.sweep.searcher import saved_searcher, trial_status  # noqa: E402
+from gopc.evaluate import scored_line  # noqa: E402
+from gopc.sweep.searcher import COMPLETED, saved_searcher, trial_status  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
 from gopc.sweep.tracking import finish_parent  # noqa: E402
@@ -37,7 +38,8 @@ def trial_rows(s: Settings, results) -> list[dict]:
                "diverged_step": m.get("diverged_step", ""), "diverged_quantity": m.get("diverged_quantity", ""),
                "error": str(r.error).strip().splitlines()[0][:200] if r.error else ""}
         row.update({p.name: r.config.get(p.name, "") for p in s.space})
-        row.update({k: v for k, v in m.items() if k.startswith("val/") and k.endswith(("mse", "bce", "ssim", "psnr"))})
+        row.update({k: v for k, v in m.items() if k.startswith("val/") and k.endswith(("mse", "bce", "ssim", "psnr"))
+                    and not k.endswith("_std")})
         rows.append(row)
     return rows
 
@@ -48,10 +50,12 @@ def load_study(s: Settings) -> optuna.Study:
 
 
 def best_row(s: Settings, rows: list[dict]) -> dict | None:
-    done = [r for r in rows if r["status"] == "completed" and math.isfinite(float(r["objective"]))]
-    if not done:
-        return None
-    return (min if s.mode == "min" else max)(done, key=lambda r: float(r["objective"]))
+    """The best learned trial by the objective; if none learned, the best collapsed one (the caller says so)."""
+    for status in COMPLETED:
+        done = [r for r in rows if r["status"] == status and math.isfinite(float(r["objective"]))]
+        if done:
+            return (min if s.mode == "min" else max)(done, key=lambda r: float(r["objective"]))
+    return None
 
 
 def _group_key(p, value, ran) -> str:
@@ -64,33 +68,35 @@ def _group_key(p, value, ran) -> str:
     return f"{edges[b]:.2g}-{edges[b + 1]:.2g}"
 
 
-def divergence_plot(s: Settings, rows: list[dict], path: str) -> str:
-    """Per parameter: divergence rate per value (above) and steps to divergence per value (below)."""
+OUTCOMES = {"learned": "tab:green", "collapsed": "tab:orange", "stopped early": "tab:gray",
+            "diverged": "tab:red"}  # bottom to top in the stacked bars
+
+
+def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
+    """Per parameter, per value: the share of trials that learned, collapsed, were stopped early or
+    diverged, stacked; n above each bar. Answers "which stabilizers make GOPC-2 train *and learn*"."""
     ran = [r for r in rows if r["status"] != "errored"]
     cols = min(4, len(s.space))
     bands = -(-len(s.space) // cols)
-    fig, grid = plt.subplots(2 * bands, cols, figsize=(3.4 * cols, 5.0 * bands), squeeze=False)
-    for i in range(len(s.space), bands * cols):
-        grid[2 * (i // cols), i % cols].set_visible(False)
-        grid[2 * (i // cols) + 1, i % cols].set_visible(False)
-    for i, p in enumerate(s.space):
-        rate_ax, steps_ax = grid[2 * (i // cols), i % cols], grid[2 * (i // cols) + 1, i % cols]
+    fig, grid = plt.subplots(bands, cols, figsize=(3.4 * cols, 3.2 * bands), squeeze=False)
+    for ax in grid.flat[len(s.space):]:
+        ax.set_visible(False)
+    for i, (p, ax) in enumerate(zip(s.space, grid.flat)):
         groups = defaultdict(list)
         for r in ran:
-            groups[_group_key(p, r.get(p.name, ""), ran)].append(r)
+            groups[_group_key(p, r.get(p.name, ""), ran)].append(r["status"])
         keys = sorted(groups)
-        rates = [np.mean([g["status"] == "diverged" for g in groups[k]]) for k in keys]
-        rate_ax.bar(keys, rates, color="tab:red")
+        bottom = np.zeros(len(keys))
+        for status, color in OUTCOMES.items():
+            share = np.array([groups[k].count(status) / len(groups[k]) for k in keys])
+            ax.bar(keys, share, bottom=bottom, color=color, label=status)
+            bottom += share
         for x, k in enumerate(keys):
-            rate_ax.text(x, rates[x], f"n={len(groups[k])}", ha="center", va="bottom", fontsize=7)
-            ys = [float(g["diverged_step"]) for g in groups[k] if g["status"] == "diverged"]
-            steps_ax.scatter([x] * len(ys), ys, color="tab:red", alpha=.6)
-        rate_ax.set(title=p.name, ylim=(0, 1.15), ylabel="divergence rate" if i % cols == 0 else None)
-        steps_ax.set(xticks=range(len(keys)), xticklabels=keys, xlim=(-0.5, len(keys) - 0.5),
-                     ylabel="steps to divergence" if i % cols == 0 else None)
-        for ax in (rate_ax, steps_ax):
-            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
-    fig.suptitle(f"{s.name}: what keeps GOPC-2 finite ({len(ran)} trials)")
+            ax.text(x, 1.01, f"n={len(groups[k])}", ha="center", va="bottom", fontsize=7)
+        ax.set(title=p.name, ylim=(0, 1.15), ylabel="share of trials" if i % cols == 0 else None)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+    grid.flat[0].legend(fontsize=7, loc="lower left", framealpha=0.8)
+    fig.suptitle(f"{s.name}: which stabilizers keep GOPC-2 finite and learning ({len(ran)} trials)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -107,8 +113,8 @@ def history_plot(s: Settings, rows: list[dict], path: str) -> str:
             continue
         if not math.isfinite(obj):
             continue
-        ax.scatter(i, obj, color="tab:blue" if r["status"] == "completed" else "tab:gray", s=18)
-        if r["status"] == "completed" and (best is None or (obj < best if s.mode == "min" else obj > best)):
+        ax.scatter(i, obj, color=OUTCOMES.get(r["status"], "tab:gray"), s=18)
+        if r["status"] in COMPLETED and (best is None or (obj < best if s.mode == "min" else obj > best)):
             best = obj
         if best is not None:
             xs.append(i)
@@ -169,7 +175,7 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
         writer = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}, key=_column_order))
         writer.writeheader()
         writer.writerows(rows)
-    files["divergence"] = divergence_plot(s, rows, os.path.join(folder, "divergence_by_stabilizer.png"))
+    files["outcomes"] = outcome_plot(s, rows, os.path.join(folder, "outcome_by_stabilizer.png"))
     files["history"] = history_plot(s, rows, os.path.join(folder, "optimisation_history.png"))
     files["importance"] = importance_plot(importances(study, s), os.path.join(folder, "param_importances.png"))
     best = best_row(s, rows)
@@ -177,7 +183,9 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
     if best is not None:
         best_path = os.path.abspath(os.path.join("best", f"{s.name}.yaml"))
         os.makedirs(os.path.dirname(best_path), exist_ok=True)
-        C.save(apply(s.base, {p.name: best[p.name] for p in s.space if best[p.name] != ""}), best_path)
+        cfg = apply(s.base, {p.name: best[p.name] for p in s.space if best[p.name] != ""})
+        with open(best_path, "w") as f:
+            f.write(f"# sweep {s.name}, trial {best['trial_id']}, {best['status']}: validation {scored_line(best, 'val/')}\n{C.dump(cfg)}")
         files["best_config"] = os.path.join(folder, "best_config.yaml")
         with open(best_path) as src, open(files["best_config"], "w") as dst:
             dst.write(src.read())
@@ -185,6 +193,7 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
     for r in rows:
         counts[r["status"]] += 1
     metrics = {"n_trials": len(rows), "divergence_rate": counts["diverged"] / max(len(rows), 1),
+               "learned_rate": counts["learned"] / max(len(rows), 1),
                **{f"n_{k.replace(' ', '_')}": v for k, v in counts.items()},
                **{f"optuna_{k.lower()}": v for k, v in states.items()},
                "best_objective": float(best["objective"]) if best else float("nan")}
@@ -192,7 +201,18 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
         print(f"the summary is kept in {folder}; run with --resume to log it once MLflow is back")
     print(f"\n{len(rows)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + f"; Optuna study states: {dict(states)}")
+    print(verdict_line(best))
     return best_path
+
+
+def verdict_line(best: dict | None) -> str:
+    """The sweep's answer in one line: whether any trial learned, and what the best one scored."""
+    if best is None:
+        return "No trial trained to the end: every trial diverged, errored or was stopped early. No config to export."
+    if best["status"] != "learned":
+        return ("No trial learned: every finished trial's one-step prior is no better than a blank or the last frame "
+                f"(best {best['status']}: validation {scored_line(best, 'val/')}). The exported config is the least bad, not a trained model.")
+    return f"best trial {best['trial_id']}: {best['status']}: validation {scored_line(best, 'val/')}"
 
 
 def _column_order(key: str) -> tuple:

@@ -21,7 +21,7 @@ from ray import tune
 
 from gopc import config as C
 from gopc.sweep.searcher import trial_status
-from gopc.sweep.space import apply
+from gopc.sweep.space import trial_config
 
 DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_grad_norm_before")
 
@@ -58,8 +58,8 @@ class SweepTracker(tune.Callback):
 
     RETRY_S = 10  # how long to leave an unreachable server alone between tries
 
-    def __init__(self, uri: str, parent_run_id: str, sweep: str, base: dict, total_steps: int, pending_path: str):
-        self.uri, self.parent, self.sweep, self.base = uri, parent_run_id, sweep, base
+    def __init__(self, uri: str, parent_run_id: str, sweep: str, bases: dict, total_steps: int, pending_path: str):
+        self.uri, self.parent, self.sweep, self.bases = uri, parent_run_id, sweep, bases
         self.total_steps, self.pending_path = total_steps, pending_path
         self._reset()
 
@@ -72,7 +72,7 @@ class SweepTracker(tune.Callback):
 
     def __getstate__(self):  # Tune pickles callbacks with the experiment; clients do not pickle
         return {k: v for k, v in self.__dict__.items() if k in
-                ("uri", "parent", "sweep", "base", "total_steps", "pending_path")}
+                ("uri", "parent", "sweep", "bases", "total_steps", "pending_path")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -91,7 +91,7 @@ class SweepTracker(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step, now = int(result.get("step", 0)), int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if k.startswith(("train/", "val/")) or k in ("objective", "diverged")
+                   if k.startswith(("train/", "val/", "test/")) or k in ("objective", "diverged", "learned")
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
         self.submit("metrics", trial, {"metrics": metrics, "name": str(trial), "config": dict(trial.config)})
 
@@ -161,7 +161,7 @@ class SweepTracker(tune.Callback):
             MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial_id, "sweep": self.sweep, "role": "trial",
             "status": "running", "sampled": ", ".join(sorted(config))})
         if not run.data.params:
-            cfg = apply(self.base, config)
+            cfg = trial_config(self.bases, config)
             self.client.log_batch(run.info.run_id, params=[Param(k, C.redact(str(v))) for k, v in cfg.flat().items()])
             self.client.log_text(run.info.run_id, C.redact(C.dump(cfg)), "config.yaml")
         self._runs[trial_id] = run.info.run_id

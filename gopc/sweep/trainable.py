@@ -3,7 +3,8 @@
 Each Tune iteration is `report_every` training steps followed by a validation pass, so ASHA compares
 trials on the objective itself. A diverged trial reports once more, in the step its guard fired, with
 a finite penalty as the objective and `diverged=1`, then returns: it never raises, because a raised
-trial is retried by FailureConfig and ignored by TPE.
+trial is retried by FailureConfig and ignored by TPE. A study's trial (one arm, one seed), having
+selected nothing on the test split, is then evaluated on it once, for the verdict.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import shutil
 import torch
 from ray import tune
 
-from gopc.sweep.space import apply
+from gopc.evaluate import TEST_DIR, evaluate_saved, outcome
+from gopc.sweep.space import trial_config
 from gopc.train import Hooks, train
 
 
@@ -22,9 +24,10 @@ class TuneHooks(Hooks):
     # validation puts the latest ones in every checkpoint, so every trial's run shows predictions.
     grids_at_every_eval = True
 
-    def __init__(self, metric: str, penalty: float, run_dir: str):
-        self.metric, self.penalty, self.run_dir = metric, penalty, run_dir
+    def __init__(self, metric: str, penalty: float, run_dir: str, margin: float):
+        self.metric, self.penalty, self.run_dir, self.margin = metric, penalty, run_dir, margin
         self.last_train: dict = {}
+        self.last_report: dict = {}
         self.checkpoint: str | None = None
 
     def metrics(self, step, metrics, checkpoint):
@@ -35,7 +38,8 @@ class TuneHooks(Hooks):
         objective = metrics.get(self.metric, float("nan"))
         finite = objective == objective and abs(objective) != float("inf")
         report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
-                  "objective": objective if finite else self.penalty, "diverged": 0.0}
+                  "objective": objective if finite else self.penalty, "diverged": 0.0,
+                  "learned": float(outcome(metrics, self.margin) == "learned")}
         self._report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
@@ -45,14 +49,14 @@ class TuneHooks(Hooks):
                       "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
 
     def _report(self, metrics, with_checkpoint):
-        self.checkpoint = None
+        self.checkpoint, self.last_report = None, metrics
         if not with_checkpoint:
             return tune.report(metrics)
         return tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.run_dir))
 
 
-def run_trial(config: dict, base: dict, metric: str, penalty: float, report_every: int) -> None:
-    cfg = apply(base, config)
+def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_every: int, test: bool = False) -> None:
+    cfg = trial_config(bases, config)
     t = cfg.train
     # Validate and checkpoint at every Tune iteration; a restarted trial resumes from the last one.
     t.eval_every, t.ckpt_every, t.log_every = report_every, report_every, report_every
@@ -65,4 +69,8 @@ def run_trial(config: dict, base: dict, metric: str, penalty: float, report_ever
         restored.to_directory(run_dir)
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
-    train(cfg, run_dir, TuneHooks(metric, penalty, run_dir), resume_from=resume_from, progress=False)
+    hooks = TuneHooks(metric, penalty, run_dir, t.learned_margin)
+    result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False)
+    if test and result.status == "completed":
+        metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))
+        hooks._report({**hooks.last_report, **{f"test/{k}": v for k, v in metrics.items()}}, with_checkpoint=True)

@@ -1,0 +1,141 @@
+"""A study: the final training, done right. Each arm (GOPC-2 from a sweep's best configs, the GOPC-1 and
+VAE-1 baselines) trains over the same seeds, on the same data and budget, as one Tune trial per arm x
+seed with the divergence guard, on the sweep's Ray and MLflow machinery (gopc/sweep/run.py). Trials
+validate on the validation split and are judged once on the test split, which no sweep has seen;
+gopc/sweep/verdict.py turns them into the verdict.
+
+    arms:
+      - {name: gopc2, sweep: gopc2_stability}        # the sweep's best config, read back from MLflow
+      - {name: gopc2-file, config: best/best-1.yaml}  # or a YAML file `gopc best` wrote
+      - {name: gopc1, set: {model.kind: gopc1}}       # or the study's base with overrides
+    allow: [train.lr]                                 # fields arms may differ in beyond the model's own
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import yaml
+
+from gopc import config as C
+from gopc.errors import ConfigError, GopcError
+from gopc.sweep import settings as S
+
+# The data and the budget: what every arm must share for the comparison to be fair.
+FAIR = tuple(f"data.{k}" for k in C.DataConfig.__dataclass_fields__) + ("train.steps", "train.batch_size")
+ARM_KEYS = {"name", "sweep", "top", "config", "set"}
+
+
+@dataclass
+class StudySettings(S.Common):
+    name: str = "gopc2_study"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    arms: list = field(default_factory=list)  # as written; resolved into `arm_configs`
+    allow: list[str] = field(default_factory=list)  # FAIR fields the arms may differ in
+    arm_configs: dict = field(default_factory=dict)  # arm name -> run config (dict), resolved at load
+
+    @property
+    def bases(self) -> dict[str, dict]:
+        return self.arm_configs
+
+
+def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> StudySettings:
+    raw = S.resolve(C.load_yaml(path), preset, overrides, StudySettings, "study")
+    s = S.parse_common(raw, StudySettings, "study", ("seeds", "arms", "allow", "arm_configs"))
+    s.seeds = C._coerce("study.seeds", list[int], raw.get("seeds", s.seeds))
+    if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
+        raise ConfigError(f"study.seeds: {s.seeds} must be distinct non-negative integers, e.g. [0, 1, 2, 3, 4]")
+    s.allow = C._coerce("study.allow", list[str], raw.get("allow") or [])
+    if bad := [f for f in s.allow if f not in FAIR]:
+        raise ConfigError(f"study.allow: {bad[0]!r} is not a data or budget field; allowed: data.*, train.steps, train.batch_size")
+    s.arms = raw.get("arms") or []
+    s.arm_configs = resolve_arms(s)
+    return s
+
+
+def resolve_arms(s: StudySettings) -> dict[str, dict]:
+    """Each arm's full run config, checked, then checked for fairness against the study's base."""
+    if not isinstance(s.arms, list) or not s.arms:
+        raise ConfigError("study.arms: give a list of arms, e.g. - {name: gopc1, set: {model.kind: gopc1}}")
+    configs = {}
+    for i, arm in enumerate(s.arms):
+        where = f"arms[{i}]"
+        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str) or not arm["name"]:
+            raise ConfigError(f"{where}: expected a mapping with a name, e.g. {{name: vae1, set: {{model.kind: vae1}}}}")
+        if unknown := set(arm) - ARM_KEYS:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; an arm takes {sorted(ARM_KEYS)}")
+        if "sweep" in arm and "config" in arm:
+            raise ConfigError(f"{where}: give either sweep or config, not both")
+        for name, cfg in _arm_sources(s, arm, where):
+            if name in configs:
+                raise ConfigError(f"{where}.name: {name!r} names two arms; give each a name of its own")
+            overrides = arm.get("set") or {}
+            if not isinstance(overrides, dict):
+                raise ConfigError(f"{where}.set: expected a mapping of section.key: value")
+            for key, value in overrides.items():
+                section, _, k = str(key).partition(".")
+                if not k:
+                    raise ConfigError(f"{where}.set.{key}: expected section.key, e.g. model.kind")
+                cfg.setdefault(section, {})[k] = value
+            try:
+                configs[name] = C.from_dict(cfg).to_dict()
+            except ConfigError as e:
+                raise ConfigError(f"{where} ({name}): {e}") from None
+    check_fair(s, configs)
+    return configs
+
+
+def _arm_sources(s: StudySettings, arm: dict, where: str) -> list[tuple[str, dict]]:
+    """(name, run config as a dict) for each config the arm stands for: top-K of a sweep, a file, or the base."""
+    if "sweep" in arm:
+        top = arm.get("top", 1)
+        if not isinstance(top, int) or top < 1:
+            raise ConfigError(f"{where}.top: {top!r} must be a whole number of at least 1")
+        from gopc.sweep.export import best_configs
+        try:
+            found = best_configs(arm["sweep"], top, s.tracking_uri)
+        except GopcError as e:
+            raise ConfigError(f"{where}.sweep: {e}") from None
+        return [(arm["name"] if top == 1 else f"{arm['name']}-{i}", cfg.to_dict()) for i, (_, cfg) in enumerate(found, 1)]
+    if "config" in arm:
+        return [(arm["name"], C.load_yaml(os.path.expanduser(arm["config"]), f"{where}.config"))]
+    return [(arm["name"], yaml.safe_load(yaml.safe_dump(s.base)) or {})]  # a deep copy
+
+
+def check_fair(s: StudySettings, configs: dict[str, dict]) -> None:
+    """Every arm trains on the base's data and budget, unless the study allows a field to differ."""
+    reference = C.from_dict(s.base).flat()
+    for name, cfg in configs.items():
+        flat = C.from_dict(cfg).flat()
+        for key in FAIR:
+            if key not in s.allow and flat[key] != reference[key]:
+                raise ConfigError(f"arms ({name}): {key} is {flat[key]!r} but the study's base has {reference[key]!r}; "
+                                  f"train every arm on the same data and budget, or list {key} under allow")
+
+
+def tune_setup(s: StudySettings):
+    """Every arm x seed once: Tune's grid search, no searcher, no early stopping (a verdict needs whole runs)."""
+    from ray import tune
+    config = tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent)
+    space = {"arm": tune.grid_search(list(s.arm_configs)), "train.seed": tune.grid_search(s.seeds)}
+    return config, space, {"arm": "arm", "train.seed": "seed"}
+
+
+def parent_params(s: StudySettings) -> dict:
+    params = {"study.seeds": s.seeds, "study.allow": s.allow, "study.arms": list(s.arm_configs)}
+    defaults = C.from_dict({}).flat()
+    for name, cfg in s.arm_configs.items():  # each arm by what differs from the defaults
+        params[f"arm.{name}"] = ", ".join(f"{k}={v}" for k, v in C.from_dict(cfg).flat().items() if v != defaults[k])
+    return params
+
+
+def summarise(s: StudySettings, results, parent: str) -> list[str]:
+    from gopc.sweep.verdict import write_verdict
+    return write_verdict(s, results, parent)
+
+
+def main(argv=None, default_config: str = "sweeps/gopc2_study.yaml") -> int:
+    from gopc.sweep.run import Kind, main as run_main
+    kind = Kind("gopc2_study", "Final training: every arm over every seed on Ray, then the verdict on the test split",
+                load, tune_setup, summarise, parent_params, searched=False, test=True)
+    return run_main(argv, default_config, kind)

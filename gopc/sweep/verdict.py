@@ -1,0 +1,255 @@
+"""The verdict of a study: per arm, which seeds survived and its test errors as means with 95% intervals
+over the seeds, beside the trivial predictions; per pair (each GOPC-2 arm against each baseline), the
+difference with its interval and one word. Written as verdict.json, report.md and three pictures, kept
+beside the experiment and logged on the study's MLflow parent run, and printed as a table.
+
+Intervals are Student-t over the surviving seeds (n-1 degrees of freedom); differences are Welch's,
+the arms being independent runs. "better" / "worse" only when the interval excludes 0; otherwise "no
+difference" at that many seeds, which is not a proof of equality.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from gopc import config as C  # noqa: E402
+from gopc.evaluate import SECTIONS, TEST_DIR, outcome  # noqa: E402
+from gopc.metrics import SKILL_METRICS  # noqa: E402
+from gopc.sweep.tracking import finish_parent  # noqa: E402
+
+METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
+SKILLS = [f"{s}/skill_{m}" for s in SECTIONS for m in SKILL_METRICS]
+TRIVIAL = [f"{s}/{ref}_{m}" for s in SECTIONS for ref in ("blank", "last") for m in SKILL_METRICS if (s, ref) != ("posterior", "last")]
+LEVEL = 0.95
+
+
+def interval(values: list[float]) -> dict:
+    """Mean and its 95% Student-t interval; with one value the interval is unknown (NaN)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    half = stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "n": len(v)}
+
+
+def difference(a: list[float], b: list[float]) -> dict:
+    """mean(a) - mean(b) with Welch's 95% interval."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or len(b) < 2:
+        d = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
+        return {"mean": d, "low": math.nan, "high": math.nan}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
+    half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
+    d = float(a.mean() - b.mean())
+    return {"mean": d, "low": d - half, "high": d + half}
+
+
+def word(metric: str, diff: dict) -> str:
+    """better / worse for arm a, when the interval excludes 0; lower is better but for SSIM."""
+    if math.isnan(diff["low"]):  # fewer than two survivors on a side: nothing can be told apart
+        return "no difference"
+    sign = 1 if metric.endswith("ssim") else -1
+    if diff["low"] > 0 or diff["high"] < 0:
+        return "better" if sign * diff["mean"] > 0 else "worse"
+    return "no difference"
+
+
+def collect(s, results) -> dict[str, list[dict]]:
+    """Per arm, one record per seed: status, the step it diverged at, test metrics, its checkpoint."""
+    from gopc.sweep.searcher import trial_status
+    steps = C.from_dict(s.base).train.steps
+    runs = defaultdict(list)
+    for r in results:
+        m = r.metrics or {}
+        runs[r.config["arm"]].append({
+            "seed": r.config["train.seed"], "status": trial_status(m, r.error is not None, steps),
+            "diverged_step": m.get("diverged_step"), "checkpoint": r.checkpoint,
+            "test": {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}})
+    return {arm: sorted(runs[arm], key=lambda x: x["seed"]) for arm in s.arm_configs}
+
+
+def build(s, runs: dict[str, list[dict]]) -> dict:
+    margin = C.from_dict(s.base).train.learned_margin
+    arms = {}
+    for name, seeds in runs.items():
+        alive = [x for x in seeds if x["test"]]
+        outcomes = [outcome(x["test"], C.from_dict(s.arm_configs[name]).train.learned_margin) for x in alive]
+        learned = outcomes.count("learned")
+        arms[name] = {
+            "model": s.arm_configs[name]["model"]["kind"], "seeds": [x["seed"] for x in seeds],
+            "survived": len(alive), "survivors": [x["seed"] for x in alive],
+            "diverged": {str(x["seed"]): x["diverged_step"] for x in seeds if x["status"] == "diverged"},
+            "errored": [x["seed"] for x in seeds if x["status"] == "errored"],
+            "outcome": ("diverged" if not alive else "learned" if learned == len(alive) else
+                        "collapsed" if learned == 0 else f"mixed ({learned} of {len(alive)} learned)"),
+            "metrics": {k: interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
+            "trivial": {k: float(np.mean([x["test"][k] for x in alive])) for k in TRIVIAL} if alive else {}}
+    pairs = []
+    for a, arm_a in arms.items():
+        for b, arm_b in arms.items():
+            if arm_a["model"] == "gopc2" and arm_b["model"] != "gopc2":
+                for metric in METRICS:
+                    d = difference(*([x["test"][metric] for x in runs[n] if x["test"]] for n in (a, b)))
+                    pairs.append({"a": a, "b": b, "metric": metric, "diff": d, "word": word(metric, d)})
+    return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": LEVEL, "margin": margin,
+            "seeds": s.seeds, "arms": arms, "pairs": pairs}
+
+
+def table(v: dict) -> str:
+    """The verdict as text: arms (survival, outcome, test errors with intervals, trivial scores), then pairs."""
+    fmt = lambda i: f"{i['mean']:.4f} [{i['low']:.4f}, {i['high']:.4f}]" if i["n"] else "-"  # noqa: E731
+    lines = [f"verdict of {v['study']} on the test split, {len(v['seeds'])} seeds, mean [95% interval] over survivors",
+             f"{'arm':12} {'model':6} {'survived':>8}  {'outcome':22} {'prior MSE':>26} {'prior skill':>8} "
+             f"{'rollout SSIM':>26}"]
+    for name, a in v["arms"].items():
+        m = a["metrics"]
+        lines.append(f"{name:12} {a['model']:6} {a['survived']:>3} of {len(a['seeds']):<2}  {a['outcome']:22} "
+                     f"{fmt(m['prior/mse']):>26} {m['prior/skill_mse']['mean']:+8.2f} {fmt(m['rollout/ssim']):>26}")
+    trivial = next((a["trivial"] for a in v["arms"].values() if a["trivial"]), {})
+    if trivial:
+        lines.append(f"trivial predictions: prior MSE blank {trivial['prior/blank_mse']:.4f}, last frame "
+                     f"{trivial['prior/last_mse']:.4f}; rollout SSIM blank {trivial['rollout/blank_ssim']:.3f}, "
+                     f"last frame {trivial['rollout/last_ssim']:.3f}")
+    for p in v["pairs"]:
+        if p["metric"] in ("prior/mse", "rollout/mse", "prior/bce", "rollout/ssim"):
+            d = p["diff"]
+            lines.append(f"{p['a']} vs {p['b']}, {p['metric']}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  "
+                         f"{p['word']}{' at this many seeds' if p['word'] == 'no difference' else ''}")
+    for name, a in v["arms"].items():
+        if a["outcome"] != "learned":
+            where = "every surviving seed" if a["outcome"] == "collapsed" else "some seeds"
+            lines.append(f"{name}: {a['outcome']}: " + ("no seed survived" if a["outcome"] == "diverged" else
+                         f"on {where} its one-step prior is no better than a blank or the last frame: it learned nothing there"))
+    return "\n".join(lines)
+
+
+def rollout_plot(v: dict, runs: dict, path: str) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    refs = None
+    for name, seeds in runs.items():
+        curves = [c for x in seeds if x["test"] and (c := _read(x["checkpoint"], "curves.json"))]
+        if not curves:
+            continue
+        per_step = np.array([c["rollout"]["mse"] for c in curves])
+        band = [interval(col) for col in per_step.T]
+        t = np.arange(per_step.shape[1]) + curves[0]["rollout"]["first_frame"]
+        ax.plot(t, [b["mean"] for b in band], label=f"{name} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(t, [b["low"] for b in band], [b["high"] for b in band], alpha=0.2)
+        refs = refs or (t, curves[0]["rollout"]["blank_mse"], curves[0]["rollout"]["last_mse"])
+    if refs:
+        ax.plot(refs[0], refs[1], "k--", lw=1, label="blank frame")
+        ax.plot(refs[0], refs[2], "k:", lw=1, label="last context frame")
+    ax.set(xlabel="frame", ylabel="per-pixel MSE", title="rollout error by step on the test split (95% band)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def survival_plot(v: dict, s, path: str) -> str:
+    steps = C.from_dict(s.base).train.steps
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    for name, a in v["arms"].items():
+        died = sorted(int(x) for x in a["diverged"].values() if x is not None)
+        xs = [0] + died + [steps]
+        alive = [len(a["seeds"]) - len(a["errored"]) - i for i in range(len(died) + 1)]
+        ax.step(xs, alive + alive[-1:], where="post", label=name)
+    ax.set(xlabel="training step", ylabel="seeds still finite", ylim=(-0.2, len(s.seeds) + 0.5),
+           title="survival over training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def predictions_plot(runs: dict, path: str) -> str:
+    """The same test sequences predicted by every arm (its first surviving seed): truth, then one row per arm."""
+    shown = {name: p for name, seeds in runs.items()
+             if (p := next((_read(x["checkpoint"], "predictions.npz") for x in seeds if x["test"]), None)) is not None}
+    if not shown:
+        return ""
+    first = next(iter(shown.values()))
+    truth, ctx = first["truth"], int(first["context"])
+    n_seq, T = truth.shape[:2]
+    rows = [r for i in range(n_seq) for r in [(f"seq {i}: truth", truth[i])] + [(name, p["rollout"][i]) for name, p in shown.items()]]
+    fig, axes = plt.subplots(len(rows), T, figsize=(0.9 * T, 0.95 * len(rows)), squeeze=False)
+    for (label, frames), ax_row in zip(rows, axes):
+        for t, ax in enumerate(ax_row):
+            ax.imshow(frames[t, 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([]), ax.set_yticks([])
+            if t == ctx:
+                for side in ax.spines.values():
+                    side.set_color("red")
+        ax_row[0].set_ylabel(label, rotation=0, ha="right", fontsize=8)
+    fig.suptitle(f"test sequences: {ctx} context frames, then each arm's prior alone (red: first predicted frame)", fontsize=9)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _read(checkpoint, name: str):
+    """A file of the trial's test evaluation, from its last checkpoint (local or on URI storage)."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = os.path.join(folder, TEST_DIR, name)
+        if not os.path.exists(path):
+            return None
+        if name.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+
+def report(v: dict, command: str) -> str:
+    lines = [f"# Verdict: {v['study']}", "", f"Date: {v['date']}. Command: `{command}`.", "",
+             "Test split, never seen by the sweep; mean and 95% interval over the seeds that survived. "
+             f"An arm has *learned* when its one-step prior's MSE beats the better trivial prediction (blank or "
+             f"last frame) by at least {v['margin']:.0%}.", "", "```", table(v), "```", "",
+             "![rollout error](rollout_error.png)", "", "![predictions](predictions.png)", "", "![survival](survival.png)", "",
+             "## Every pair and metric", "", "| a | b | metric | a - b | 95% interval | word |", "|---|---|---|---:|---|---|"]
+    for p in v["pairs"]:
+        d = p["diff"]
+        lines.append(f"| {p['a']} | {p['b']} | {p['metric']} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {p['word']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_verdict(s, results, parent: str) -> list[str]:
+    import sys
+    runs = collect(s, results)
+    v = build(s, runs)
+    local = "://" not in s.experiment_path
+    folder = os.path.join(s.experiment_path, "verdict") if local else tempfile.mkdtemp(prefix="gopc-verdict-")
+    os.makedirs(folder, exist_ok=True)
+    files = {"json": os.path.join(folder, "verdict.json"), "report": os.path.join(folder, "report.md")}
+    with open(files["json"], "w") as f:
+        json.dump(v, f, indent=1)
+    with open(files["report"], "w") as f:
+        f.write(report(v, " ".join(["python"] + sys.argv)))
+    files["rollout"] = rollout_plot(v, runs, os.path.join(folder, "rollout_error.png"))
+    files["survival"] = survival_plot(v, s, os.path.join(folder, "survival.png"))
+    if picture := predictions_plot(runs, os.path.join(folder, "predictions.png")):
+        files["predictions"] = picture
+    metrics = {f"{arm}.{k}": a["metrics"][k]["mean"] for arm, a in v["arms"].items() for k in ("prior/mse", "prior/skill_mse")}
+    metrics.update({f"{arm}.survived": a["survived"] for arm, a in v["arms"].items()})
+    if not finish_parent(s.mlflow_uri, parent, files, metrics):
+        print(f"the verdict is kept in {folder}; run with --resume to log it once MLflow is back")
+    print("\n" + table(v))
+    return [f"verdict: {files['report']}", f"verdict.json: {files['json']}"]
