@@ -8,9 +8,11 @@ install: .venv/.installed
 	bash scripts/install.sh
 	touch $@
 
-# The main job: a small local sweep of GOPC-2 stabilizers (Ray local, MLflow in ./mlflow.db).
+# The main job: a small local sweep of GOPC-2 stabilizers (Ray local, MLflow in ./mlflow.db), then the
+# study of its best config against GOPC-1 and VAE-1 over 3 seeds, ending in the verdict table.
 sweep: install
 	$(PY) sweeps/gopc2_stability.py --preset smoke
+	$(PY) sweeps/gopc2_study.py --preset smoke
 
 # The test suite (CI runs this through .ci/run). System packages first: sshd for the cluster test.
 test: install

@@ -100,7 +100,7 @@ class TrainConfig:
     # docs/verdict.md (models that track the digit score 0.2-0.3, a grey blur or black under 0.05).
     learned_margin: float = bounded(0.1, 0.0, 1.0)
     out_dir: str = "runs"
-    inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE]", SITE in INJECT_SITES
+    inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE][,seed=N]", SITE in INJECT_SITES
 
 
 @dataclass
@@ -126,15 +126,19 @@ class Config:
 
 
 INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow", "raise", "oom")
-_INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?$")
+_INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?(?:,seed=(\d+))?$")
 
 
-def parse_inject(spec: str) -> tuple[str, int, float] | None:
+def parse_inject(spec: str, seed: int | None = None) -> tuple[str, int, float] | None:
+    """(site, step, value), or None when nothing is injected into a run of this seed (",seed=N" picks one
+    seed, so that a test can make one seed of a study diverge)."""
     if not spec:
         return None
     m = _INJECT.match(spec)
     if not m or m.group(1) not in INJECT_SITES:
-        raise ConfigError(f"train.inject: {spec!r} is not SITE@STEP[:nan|inf|-inf] with SITE in {INJECT_SITES}")
+        raise ConfigError(f"train.inject: {spec!r} is not SITE@STEP[:nan|inf|-inf][,seed=N] with SITE in {INJECT_SITES}")
+    if m.group(4) is not None and seed is not None and int(m.group(4)) != seed:
+        return None
     return m.group(1), int(m.group(2)), float(m.group(3) or "nan")
 
 

@@ -114,7 +114,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     last_ckpt = resume_from
     hooks.started(cfg, run_dir, n_params(model))
-    fault = C.parse_inject(t_cfg.inject)
+    fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
     result = Result("completed", start, run_dir=run_dir)
 
     bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,

@@ -1,0 +1,121 @@
+"""Finite is not trained: the trivial predictions, the learned/collapsed outcome, and the study that
+gives the verdict of GOPC-2 against its baselines (arms x seeds on Ray, verdict on the test split)."""
+import json
+import os
+
+import mlflow
+import pytest
+import ray
+import torch
+import yaml
+
+from gopc import config as C
+from gopc.evaluate import outcome
+from gopc.metrics import frame_metrics, last_frame_prediction, skill, summarise
+from gopc.sweep.study import main as study_main
+from gopc.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY_YAML = os.path.join(ROOT, "sweeps", "gopc2_study.yaml")
+TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
+        "model": {"r_dim": 8, "ngf": 4, "lstm_dim": 16, "rh_dim": 4, "hyper_hidden": 8},
+        "train": {"steps": 20, "batch_size": 4, "eval_size": 4}}
+
+
+def test_copy_last_frame_matches_a_hand_computation():
+    x = torch.zeros(1, 4, 1, 11, 11)  # four frames, one bright pixel each, moving right
+    for t in range(4):
+        x[0, t, 0, 5, 2 + 2 * t] = 1.0
+    one_step = last_frame_prediction(x, 1)  # frame t predicted by frame t-1
+    assert torch.equal(one_step, x[:, :3])
+    # each predicted frame has two wrong pixels out of 121: MSE 2/121 per frame
+    assert summarise(frame_metrics(one_step, x[:, 1:]))["mse"] == pytest.approx(2 / 121)
+    rollout = last_frame_prediction(x, 2, context=2)  # after 2 context frames: frame 1 repeated
+    assert torch.equal(rollout, x[:, [1, 1]])
+    assert summarise(frame_metrics(rollout, x[:, 2:]))["mse"] == pytest.approx(2 / 121)
+    # the blank frame misses one pixel per frame: 1/121, better than the copy here, so it is the reference
+    assert skill("mse", 0.5 / 121, 1 / 121, 2 / 121) == pytest.approx(0.5)
+    assert skill("mse", 3 / 121, 1 / 121, 2 / 121) == pytest.approx(-2.0)
+    assert skill("ssim", 0.9, 0.8, 0.6) == pytest.approx(0.5)  # higher is better: (0.9 - 0.8) / (1 - 0.8)
+
+
+def _learns(tmp_path, lr):
+    cfg = C.from_dict({"model": {"kind": "vae1", "r_dim": 32, "ngf": 8, "lstm_dim": 64},
+                       "data": {"frame_size": 64, "seq_len": 8, "n_train": 256, "n_val": 16, "n_test": 16},
+                       "train": {"steps": 600, "batch_size": 16, "eval_size": 16, "lr": lr, "grad_clip": 1.0,
+                                 "log_every": 600, "ckpt_every": 600}})
+    return train(cfg, str(tmp_path / f"lr{lr}"), progress=False)
+
+
+def test_a_model_that_learns_is_learned_and_one_that_cannot_is_collapsed(tmp_path):
+    torch.set_num_threads(1)
+    learned = _learns(tmp_path, 1e-3)
+    frozen = _learns(tmp_path, 1e-12)  # lr 0 is refused: this learning rate leaves the initial weights as they are
+    assert learned.outcome == "learned" and learned.eval["prior/skill_mse"] >= 0.1, learned.eval["prior/skill_mse"]
+    assert frozen.outcome == "collapsed" and frozen.eval["prior/skill_mse"] < 0
+    for section in ("prior", "rollout"):  # an untrained model is worse than the blank and last frame alike
+        assert frozen.eval[f"{section}/mse"] > max(frozen.eval[f"{section}/blank_mse"], frozen.eval[f"{section}/last_mse"])
+    assert outcome({"prior/skill_mse": 0.1}, 0.1) == "learned" and outcome({"prior/skill_mse": float("nan")}, 0.1) == "collapsed"
+
+
+def write_study(tmp_path, arms, **extra):
+    gopc2 = {**TINY, "model": {**TINY["model"], "kind": "gopc2"},
+             "stab": {"out_act": "sigmoid", "inner_lr_h": 0.1}, "train": {**TINY["train"], "inject": "loss@7,seed=1"}}
+    (tmp_path / "gopc2.yaml").write_text(yaml.safe_dump(gopc2))
+    raw = {"name": "tiny_study", "seeds": [0, 1], "report_every": 10, "max_concurrent": 2,
+           "resources": {"cpu": 1, "gpu": 0}, "base": TINY, "arms": arms, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+ARMS = [{"name": "gopc2", "config": "gopc2.yaml"}, {"name": "vae1", "set": {"model.kind": "vae1"}}]
+
+
+def test_a_study_gives_survivors_intervals_words_and_one_mlflow_run_per_arm_and_seed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, ARMS)
+    try:
+        assert study_main(["--config", path]) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    assert "verdict of tiny_study on the test split" in out and "gopc2 vs vae1, prior/mse" in out
+    v = json.loads((tmp_path / "sweep_results" / "tiny_study" / "verdict" / "verdict.json").read_text())
+    g, b = v["arms"]["gopc2"], v["arms"]["vae1"]
+    assert g["model"] == "gopc2" and g["seeds"] == [0, 1] and g["survived"] == 1 and g["diverged"] == {"1": 7}
+    assert b["survived"] == 2 and b["diverged"] == {}
+    m = b["metrics"]["prior/mse"]
+    assert m["n"] == 2 and m["low"] <= m["mean"] <= m["high"] and m["high"] - m["low"] > 0
+    assert g["metrics"]["prior/mse"]["n"] == 1  # one survivor: a mean, and no interval
+    pairs = [p for p in v["pairs"] if p["a"] == "gopc2" and p["b"] == "vae1"]
+    assert {p["metric"] for p in pairs} == {f"{s}/{k}" for s in ("posterior", "prior", "rollout") for k in ("mse", "bce", "ssim")}
+    assert all(p["word"] == "no difference" for p in pairs)  # one surviving seed tells nothing apart
+    assert g["outcome"] in ("learned", "collapsed") and b["outcome"] in ("learned", "collapsed")
+    folder = tmp_path / "sweep_results" / "tiny_study" / "verdict"
+    assert {"report.md", "rollout_error.png", "survival.png", "predictions.png"} <= {p.name for p in folder.iterdir()}
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny_study")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'parent'")
+    children = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
+    assert len(children) == 4 and all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    statuses = sorted((c.data.params["model.kind"], c.data.params["train.seed"], c.data.tags["status"]) for c in children)
+    assert statuses[:2] == [("gopc2", "0", statuses[0][2]), ("gopc2", "1", "diverged")]
+    assert statuses[0][2] in ("learned", "collapsed")
+    assert all("test/prior/mse" in c.data.metrics for c in children if c.data.tags["status"] != "diverged")
+    assert {"verdict.json", "report.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_a_study_whose_arms_differ_in_data_or_budget_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    arms = ARMS + [{"name": "big", "set": {"model.kind": "gopc1", "data.frame_size": 64}}]
+    path = write_study(tmp_path, arms)
+    before = set(os.listdir(tmp_path))
+    assert study_main(["--config", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "arms (big): data.frame_size is 64 but the study's base has 32" in err[0] and "allow" in err[0]
+    arms = ARMS + [{"name": "long", "set": {"model.kind": "gopc1", "train.steps": 40}}]
+    assert study_main(["--config", write_study(tmp_path, arms)]) == 2
+    assert "arms (long): train.steps is 40" in capsys.readouterr().err
+    assert set(os.listdir(tmp_path)) == before  # no mlflow.db, no sweep_results
