@@ -36,12 +36,12 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         folder = os.path.dirname(path) or "."
+        if run_id and not os.path.exists(path):
+            raise ConfigError(f"{field}: there is no MLflow database {path} to continue run {run_id} in; "
+                              f"set mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ConfigError(f"{field}: the folder of {path} is missing or not writable; create it or fix {field}")
         if not os.path.exists(path):
-            if run_id:
-                raise ConfigError(f"{field}: there is no MLflow database {path} to continue run {run_id} in; "
-                                  f"run from the folder the run started in, or set mlflow.tracking_uri")
             return
         try:  # read-only: MLflow itself would try to create its tables in any file it is given
             with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
@@ -63,8 +63,8 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
             client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - any failure here means the run could not be recorded
         if run_id and getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise ConfigError(f"{field}: MLflow at {redact(uri)} holds no run {run_id}; run from the folder the "
-                              f"run started in, or set mlflow.tracking_uri to where it was logged") from None
+            raise ConfigError(f"{field}: MLflow at {redact(uri)} holds no run {run_id} to continue; set "
+                              f"mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow") from None
         raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
                           f"server, or set {field} to a reachable one") from None
 
