@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 
@@ -17,36 +18,98 @@ def _seeds(text: str) -> list[int]:
         seeds = []
     if not seeds:  # "" or "," would otherwise fall back to train.seed without a word
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2")
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a negative seed; seeds are 0 or more")
+    if len(set(seeds)) < len(seeds):  # the same seed twice would train twice into one folder
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed twice; give each seed once")
     return seeds
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return n
+
+
+def _run_folder(path: str, option: str) -> str:
+    """A run folder as users name it: with ~, or its checkpoint.pt instead of the folder."""
+    path = os.path.expanduser(path)
+    if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
+        path = os.path.dirname(path) or "."
+    if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        raise GopcError(f"{option}: {path} holds no checkpoint.pt; give a run folder written by gopc train")
+    return path
+
+
+def _check_free(run_dir: str, option: str) -> None:
+    from gopc.train import folder_in_use
+    if (pid := folder_in_use(run_dir)) is not None:
+        raise GopcError(f"{option}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
+                        f"or choose another folder")
+
+
+def _check_new_run_folder(run_dir: str, option: str) -> None:
+    """A new run never lands on an existing one: its checkpoint, config and evaluation would be replaced."""
+    C.check_creatable(run_dir, option)
+    _check_free(run_dir, option)
+    if os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
+        raise GopcError(f"{option}: {run_dir} already holds a run; choose a new folder, or continue that run "
+                        f"with gopc train --resume {run_dir}")
+
+
+RUN_FILES = ("checkpoint.pt", "config.yaml", "mlflow_run_id", "eval")  # what makes a folder a run
 
 
 def cmd_train(args) -> int:
     from gopc.evaluate import table
-    from gopc.tracking import MlflowHooks
+    from gopc.tracking import MlflowHooks, check_tracking, run_uri
     from gopc.train import Hooks, train
 
-    run_id = resume_from = None
+    run_id = resume_from = folder = None
     if args.resume:
-        resume_from = os.path.join(args.resume, "checkpoint.pt")
-        if not os.path.isfile(resume_from):
-            raise GopcError(f"--resume: {args.resume} holds no checkpoint.pt; give a run folder written by gopc train")
-        cfg = C.load(os.path.join(args.resume, "config.yaml"), args.set)
-        id_file = os.path.join(args.resume, "mlflow_run_id")
+        for option in ("config", "out", "seeds"):  # each would be ignored or contradict the run folder
+            if getattr(args, option) is not None:
+                raise GopcError(f"--{option}: cannot be combined with --resume, which continues the run folder "
+                                f"with its own config.yaml; drop --{option} (change values with --set)")
+        folder = _run_folder(args.resume, "--resume")
+        resume_from, saved = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "config.yaml")
+        cfg = C.load(saved, args.set, field="--resume")
+        done = C.load(saved, field="--resume").train.steps
+        if os.path.isfile(os.path.join(folder, "eval", "metrics.json")) and cfg.train.steps <= done:
+            raise GopcError(f"--resume: {folder} completed its {done} steps; to train on, raise train.steps, "
+                            f"e.g. --set train.steps={2 * done}")
+        _check_free(folder, "--resume")
+        id_file = os.path.join(folder, "mlflow_run_id")
         run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
+        run_dirs = {cfg.train.seed: folder}
     else:
         cfg = C.load(args.config, args.set)
-    seeds = args.seeds or [cfg.train.seed]
-    if args.resume and len(seeds) > 1:
-        raise GopcError("--seeds: cannot be combined with --resume; resume one run at a time")
-    outcomes = []
-    for seed in seeds:
-        run_cfg = C.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": seed}})
+        seeds = args.seeds or [cfg.train.seed]
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = args.resume or args.out or os.path.join(run_cfg.train.out_dir, f"{run_cfg.model.kind}-s{seed}-{stamp}")
-        if args.out and len(seeds) > 1:
-            run_dir = os.path.join(args.out, f"seed-{seed}")
-        hooks = Hooks() if args.no_mlflow else MlflowHooks(run_cfg, run_id=run_id)
+        out = os.path.expanduser(args.out) if args.out else None
+        run_dirs = {seed: (os.path.join(out, f"seed-{seed}") if len(seeds) > 1 else out) if out else
+                    os.path.join(os.path.expanduser(cfg.train.out_dir), f"{cfg.model.kind}-s{seed}-{stamp}")
+                    for seed in seeds}
+        for run_dir in run_dirs.values():
+            _check_new_run_folder(run_dir, "--out" if out else "train.out_dir")
+    uri = None
+    if not args.no_mlflow:
+        uri = run_uri(cfg, folder)
+        check_tracking(uri, "mlflow.tracking_uri", run_id)
+
+    outcomes = []
+    for seed, run_dir in run_dirs.items():
+        run_cfg = C.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": seed}})
+        hooks = Hooks() if args.no_mlflow else MlflowHooks(run_cfg, run_id=run_id, uri=uri)
         result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet)
+        if result.status == "killed":  # a signal: the one line says how to go on; later seeds do not start
+            print(f"gopc: {signal.Signals(result.signal).name} at step {result.step}: checkpoint saved; "
+                  f"resume with: gopc train --resume {run_dir}", file=sys.stderr)
+            return 128 + result.signal
         outcomes.append((seed, result))
         if result.status == "diverged":
             d = result.divergence
@@ -57,31 +120,32 @@ def cmd_train(args) -> int:
                   if result.losses else f"seed {seed}: completed")
             print(table(result.eval, run_cfg.train.learned_margin))
         print(f"run folder: {run_dir}")
-    if len(seeds) > 1:
+    if len(run_dirs) > 1:
         survivors = [s for s, r in outcomes if r.status == "completed"]
         learned = [s for s, r in outcomes if r.outcome == "learned"]
-        print(f"{len(survivors)} of {len(seeds)} seeds survived ({', '.join(map(str, survivors)) or 'none'}); "
-              f"{len(seeds) - len(survivors)} diverged; {len(learned)} learned ({', '.join(map(str, learned)) or 'none'})"
+        print(f"{len(survivors)} of {len(run_dirs)} seeds survived ({', '.join(map(str, survivors)) or 'none'}); "
+              f"{len(run_dirs) - len(survivors)} diverged; {len(learned)} learned ({', '.join(map(str, learned)) or 'none'})"
               " (for intervals and a comparison with the baselines: sweeps/gopc2_study.py)")
     return 0
 
 
 def cmd_eval(args) -> int:
-    import torch
-
     from gopc.data import build_datasets
     from gopc.evaluate import evaluate, table
     from gopc.models import build_model
-    from gopc.train import pick_device
+    from gopc.train import load_checkpoint, pick_device
 
-    ckpt = os.path.join(args.run, "checkpoint.pt")
-    if not os.path.isfile(ckpt):
-        raise GopcError(f"run: {args.run} holds no checkpoint.pt; give a run folder written by gopc train")
-    cfg = C.load(os.path.join(args.run, "config.yaml"), args.set)
+    folder = _run_folder(args.run, "run")
+    cfg = C.load(os.path.join(folder, "config.yaml"), args.set, field="run")
+    out_dir = os.path.join(folder, f"eval-{args.split}")
+    C.check_creatable(out_dir, "run")
     model = build_model(cfg).to(pick_device(cfg.train.device))
-    model.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["model"])
-    split = build_datasets(cfg.data)[args.split][: args.n]
-    metrics, images = evaluate(model, split, cfg, os.path.join(args.run, f"eval-{args.split}"))
+    load_checkpoint(os.path.join(folder, "checkpoint.pt"), model, cfg, field="run")
+    sequences = build_datasets(cfg.data)[args.split]
+    if args.n is not None and args.n > len(sequences):  # it would quietly evaluate fewer
+        raise GopcError(f"--n: {args.n} is more than the {len(sequences)} sequences of the {args.split} split "
+                        f"(data.n_{args.split}); give at most {len(sequences)}")
+    metrics, images = evaluate(model, sequences[: args.n or 200], cfg, out_dir)
     print(table(metrics, cfg.train.learned_margin))
     print("images:", ", ".join(str(p) for p in images.values()))
     return 0
@@ -89,14 +153,16 @@ def cmd_eval(args) -> int:
 
 def cmd_best(args) -> int:
     from gopc.sweep.export import export_best
-    from gopc.tracking import resolve_uri
+    from gopc.tracking import check_tracking, resolve_uri
 
     uri = resolve_uri(args.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
     db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
     if db and not os.path.isfile(db):  # MLflow would create an empty database just to look in it
         raise GopcError(f"--sweep: no sweep named {args.sweep!r}: there is no MLflow database {db}; "
                         f"run from the sweep's folder or pass --tracking-uri")
-    for path in export_best(args.sweep, args.top, args.output, args.tracking_uri, args.experiment):
+    check_tracking(uri, "--tracking-uri")
+    C.check_creatable(os.path.expanduser(args.output), "--output")
+    for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment):
         print(path)
     return 0
 
@@ -130,12 +196,12 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run and print the thesis tables")
     e.add_argument("run", help="run folder written by gopc train")
     e.add_argument("--split", choices=["val", "test"], default="test")
-    e.add_argument("--n", type=int, default=200, help="sequences to evaluate")
+    e.add_argument("--n", type=_count, help="sequences to evaluate (default: 200, or the whole split if smaller)")
     e.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     e.set_defaults(func=cmd_eval)
     b = sub.add_parser("best", help="export a sweep's top configs as YAML for gopc train --config")
     b.add_argument("--sweep", required=True, help="sweep name (the MLflow parent run's sweep tag)")
-    b.add_argument("--top", type=int, default=3)
+    b.add_argument("--top", type=_count, default=3)
     b.add_argument("-o", "--output", default="best", help="folder for best-1.yaml, best-2.yaml, ...")
     b.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: sqlite mlflow.db here)")
     b.add_argument("--experiment", default="", help="MLflow experiment (default: the sweep name)")
@@ -153,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     except GopcError as e:
         print(f"gopc: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops cleanly on its own)
+        print("gopc: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class DataConfig:
     n_train: int = bounded(17500, 1)
     n_val: int = bounded(500, 1)
     n_test: int = bounded(1000, 1)
-    seed: int = 0
+    seed: int = bounded(0, 0)  # numpy's generators refuse negative seeds
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TrainConfig:
     weight_decay: float = bounded(0.0, 0.0)
     lr_decay: float = bounded(1.0, 0.0, 1.0)  # ExponentialLR gamma, applied every step
     grad_clip: float = bounded(0.0, 0.0)  # clip the parameters' gradient norm; 0 = off
-    seed: int = 0
+    seed: int = bounded(0, 0)  # the batch order's generator (numpy) refuses negative seeds
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_every: int = bounded(10, 1)
     ckpt_every: int = bounded(100, 1)
@@ -125,7 +125,7 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
-INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow", "raise", "oom")
+INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow", "raise", "oom", "wait")
 _INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?(?:,seed=(\d+))?$")
 
 
@@ -246,6 +246,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"stab.h_grad_limit: must be positive when stab.h_grad={s.h_grad}")
     if t.lr <= 0:
         raise ConfigError(f"train.lr: {t.lr} must be positive")
+    # sizes beyond the data would be cut silently to the data's size, unlike what the saved config says
+    if t.batch_size > d.n_train:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is more than data.n_train {d.n_train}; "
+                          f"lower it or raise data.n_train")
+    if t.eval_size > d.n_val:
+        raise ConfigError(f"train.eval_size: {t.eval_size} is more than data.n_val {d.n_val}; "
+                          f"lower it or raise data.n_val")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: {t.device!r} is not auto, cpu, cuda or cuda:N")
     parse_inject(t.inject)
@@ -254,17 +261,63 @@ def validate(cfg: Config) -> None:
 # ---------------------------------------------------------------------------------------------------
 # YAML in and out.
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word, so a section written twice would lose
+    the first one's values; this loader refuses the second."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may legitimately be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader names that problem itself
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    problem=f"key {key!r} is written twice (first at line {first.line + 1}); merge them into one",
+                    problem_mark=key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text):
+    """YAML text (or a binary stream) to Python values; a key written twice is an error."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str, field: str = "--config") -> dict:
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, "rb") as f:  # bytes: PyYAML detects the encoding and names a binary file's first bad byte
+            raw = parse_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"{field}: file {path!r} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{field}: {path} is a folder; give a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{field}: {path} cannot be read ({e.strerror}); give a readable YAML file") from None
+    except yaml.reader.ReaderError as e:  # its own message spans two lines
+        raise ConfigError(f"{field}: {path} is not a text YAML file (byte {e.character:#04x} at position "
+                          f"{e.position}); give a YAML file") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{field}: {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     return raw or {}
+
+
+def check_creatable(path: str, field: str) -> None:
+    """Refuse, before anything is written, a folder that could not be created or written to later."""
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ConfigError(f"{field}: {path} cannot be created because {probe} is a file; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{field}: {path} cannot be created because {probe} is not writable; choose another folder")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -282,7 +335,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=3e-4")
         section, name = key.split(".")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = parse_yaml(value)
         except yaml.YAMLError:
             parsed = value
         target = raw.setdefault(section, {})
@@ -292,8 +345,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    raw = load_yaml(path) if path else {}
+def load(path: str | None = None, overrides: list[str] | None = None, field: str = "--config") -> Config:
+    raw = load_yaml(path, field) if path else {}
     return from_dict(apply_overrides(raw, overrides or []))
 
 

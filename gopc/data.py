@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import zlib
 
 import numpy as np
 import torch
@@ -38,12 +39,16 @@ _EMBEDDED_CACHE: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
 def read_idx(path) -> np.ndarray:
     """Parse one MNIST IDX file, raw or gzipped (detected by the gzip magic bytes, not by the name)."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"data.source: {path} cannot be read ({e.strerror}); check its permissions") from None
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:  # a cut-off .gz fails here, before the size check
+        # a cut-off .gz ends early (EOFError), a damaged one fails its CRC (OSError) or inflate (zlib.error)
+        except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"data.source: {path} is a damaged gzip file ({e}); re-download MNIST") from None
     magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else None
     if magic not in (IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC):
@@ -93,6 +98,7 @@ def load_digits(source: str) -> tuple[np.ndarray, np.ndarray]:
             images.flags.writeable = labels.flags.writeable = False  # shared by every caller: keep it intact
             _EMBEDDED_CACHE["embedded"] = (images, labels)
         return _EMBEDDED_CACHE["embedded"]
+    source = os.path.expanduser(source)
     if not os.path.isdir(source):
         raise DataError(f"data.source: {source!r} is neither 'embedded' nor an existing folder; set it to "
                         f"'embedded' or to a folder of MNIST IDX files")

@@ -83,8 +83,9 @@ def load_trained(run_dir: str, device: str = "cpu"):
     from gopc.config import load
     from gopc.models import build_model
     cfg = load(os.path.join(run_dir, "config.yaml"))
+    from gopc.train import load_checkpoint  # checked: a damaged or foreign checkpoint is one line, not a traceback
     model = build_model(cfg).to(device)
-    model.load_state_dict(torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location=device, weights_only=False)["model"])
+    load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, cfg, field="run")
     return cfg, model
 
 

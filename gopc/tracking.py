@@ -2,11 +2,19 @@
 the evaluation's numbers and image grids, and a status tag."""
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 
 from gopc.config import Config, dump, redact
 from gopc.errors import ConfigError
 from gopc.train import Hooks, Result
+
+# An unreachable tracking server must cost seconds, not MLflow's default minutes of retries (as for the
+# sweep driver, gopc/sweep/run.py). MLflow reads these at each request.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+URI_FILE = "mlflow_tracking_uri"  # in a run folder: where the default tracking URI pointed at its start
 
 
 def resolve_uri(uri: str) -> str:
@@ -15,11 +23,60 @@ def resolve_uri(uri: str) -> str:
     if not uri:
         return f"sqlite:///{os.path.abspath('mlflow.db')}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{os.path.abspath(uri[len('sqlite:///'):])}"
+        return f"sqlite:///{os.path.abspath(os.path.expanduser(uri[len('sqlite:///'):]))}"
     if uri.startswith(("sqlite:", "http://", "https://", "postgresql", "mysql", "databricks")):
         return uri
     raise ConfigError(f"mlflow.tracking_uri: {uri!r} is not supported (MLflow 3 refuses file stores); "
                       "use sqlite:///path/mlflow.db or http://host:port")
+
+
+def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
+    """Before anything is written: the tracking store answers and holds MLflow's tables (and the run
+    to continue, if any). Creates nothing: a missing SQLite file is only created by the run itself."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        folder = os.path.dirname(path) or "."
+        if run_id and not os.path.exists(path):
+            raise ConfigError(f"{field}: there is no MLflow database {path} to continue run {run_id} in; "
+                              f"set mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ConfigError(f"{field}: the folder of {path} is missing or not writable; create it or fix {field}")
+        if not os.path.exists(path):
+            return
+        try:  # read-only: MLflow itself would try to create its tables in any file it is given
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"{field}: {path} is not an MLflow database ({e}); move it away or point "
+                              f"{field} elsewhere") from None
+        if tables and "experiments" not in tables:
+            raise ConfigError(f"{field}: {path} is an SQLite file but not an MLflow database; move it away or "
+                              f"point {field} elsewhere")
+    elif not uri.startswith(("http://", "https://")):
+        return  # databases and Databricks: MLflow's own errors; nothing here can check them without writing
+    import mlflow
+    try:
+        client = mlflow.MlflowClient(uri)
+        if run_id:
+            client.get_run(run_id)
+        else:
+            client.search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - any failure here means the run could not be recorded
+        if run_id and getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ConfigError(f"{field}: MLflow at {redact(uri)} holds no run {run_id} to continue; set "
+                              f"mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow") from None
+        raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
+                          f"server, or set {field} to a reachable one") from None
+
+
+def run_uri(cfg: Config, run_dir: str | None = None) -> str:
+    """The tracking URI of a run: its config's, or for the default ('' = ./mlflow.db) the database the
+    run started with, so `gopc train --resume` works from any folder."""
+    recorded = os.path.join(run_dir, URI_FILE) if run_dir else ""
+    if not cfg.mlflow.tracking_uri and recorded and os.path.isfile(recorded):
+        with open(recorded) as f:
+            return f.read().strip()
+    return resolve_uri(cfg.mlflow.tracking_uri)
 
 
 def clean_params(cfg: Config) -> dict[str, str]:
@@ -27,31 +84,49 @@ def clean_params(cfg: Config) -> dict[str, str]:
 
 
 class MlflowHooks(Hooks):
-    def __init__(self, cfg: Config, run_id: str | None = None, tags: dict | None = None):
+    """Call check_tracking(uri, ...) first: this class assumes a store that answers."""
+
+    def __init__(self, cfg: Config, run_id: str | None = None, tags: dict | None = None, uri: str | None = None):
         import mlflow
         self.mlflow, self.cfg, self.run_id, self.tags = mlflow, cfg, run_id, tags or {}
+        self.uri = uri or resolve_uri(cfg.mlflow.tracking_uri)
+        self.logged: dict[str, int] = {}  # a resumed run: the last step of each metric already in MLflow
 
     def started(self, cfg, run_dir, n_params):
         mlflow = self.mlflow
-        mlflow.set_tracking_uri(resolve_uri(cfg.mlflow.tracking_uri))
+        mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.mlflow.experiment)
         resumed = self.run_id is not None
         run = mlflow.start_run(run_id=self.run_id, run_name=cfg.mlflow.run_name or os.path.basename(run_dir))
         self.run_id = run.info.run_id
         with open(os.path.join(run_dir, "mlflow_run_id"), "w") as f:
             f.write(self.run_id)
-        if not resumed:
+        if not cfg.mlflow.tracking_uri:  # ./mlflow.db of the folder it started in, for --resume from elsewhere
+            with open(os.path.join(run_dir, URI_FILE), "w") as f:
+                f.write(self.uri)
+        if resumed:
+            # Steps after the last checkpoint were logged before the run stopped and come again: keep
+            # MLflow's first rows (the same values: resume is exact), so no step appears twice.
+            client = mlflow.MlflowClient(self.uri)
+            self.logged = {key: max(m.step for m in client.get_metric_history(self.run_id, key))
+                           for key in client.get_run(self.run_id).data.metrics}
+        else:
             mlflow.log_params(clean_params(cfg))
             mlflow.log_param("n_params", n_params)
         mlflow.set_tags({"status": "running", "model": cfg.model.kind, **self.tags})
         mlflow.log_text(redact(dump(cfg)), "config.yaml")
         self.run_dir = run_dir
 
+    def _log(self, step, metrics):
+        new = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
+        if new:
+            self.mlflow.log_metrics(new, step=step)
+
     def metrics(self, step, metrics, checkpoint):
-        self.mlflow.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        self._log(step, {f"train/{k}": v for k, v in metrics.items()})
 
     def evaluated(self, step, metrics, images):
-        self.mlflow.log_metrics({f"val/{k}": v for k, v in metrics.items()}, step=step)
+        self._log(step, {f"val/{k}": v for k, v in metrics.items()})
         for path in images.values():
             self.mlflow.log_artifact(str(path), artifact_path=f"eval/step-{step}")
 
@@ -63,5 +138,5 @@ class MlflowHooks(Hooks):
         ckpt = os.path.join(self.run_dir, "checkpoint.pt")
         if os.path.exists(ckpt):
             self.mlflow.log_artifact(ckpt)
-        self.mlflow.set_tag("status", result.outcome)  # learned / collapsed / diverged
-        self.mlflow.end_run()
+        self.mlflow.set_tag("status", result.outcome or result.status)  # learned / collapsed / diverged / killed
+        self.mlflow.end_run(status="KILLED" if result.status == "killed" else "FINISHED")

@@ -6,8 +6,13 @@ What a run reports goes through `Hooks`: MLflow for the CLI, `tune.report` insid
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import fcntl
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -17,6 +22,7 @@ from tqdm import tqdm
 
 from gopc import config as C
 from gopc.data import build_datasets, to_float
+from gopc.errors import ConfigError, GopcError
 from gopc.evaluate import evaluate, outcome
 from gopc.guard import Divergence, Guard
 from gopc.models import build_model, n_params
@@ -40,18 +46,26 @@ class Hooks:
 
 @dataclass
 class Result:
-    status: str  # completed | diverged
+    status: str  # completed | diverged | killed (by a signal: checkpoint saved at `step`)
     step: int  # steps taken
     losses: list[float] = field(default_factory=list)
     eval: dict = field(default_factory=dict)
     divergence: Divergence | None = None
     run_dir: str = ""
+    signal: int = 0  # killed: the signal's number
     outcome: str = ""  # learned | collapsed (a completed run, judged against trivial predictions) | diverged
 
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):  # torch would fail only at the first tensor, after the run folder exists
+        index = torch.device(name).index or 0
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device: {name!r} but this machine has no CUDA GPU; use train.device=auto or cpu")
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device: {name!r} but this machine has {torch.cuda.device_count()} GPU(s); "
+                              f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     return torch.device(name)
 
 
@@ -63,6 +77,35 @@ def batch_indices(seed: int, n: int, batch: int, step: int) -> np.ndarray:
     return perm[k * batch:(k + 1) * batch]
 
 
+CHECKPOINT_KEYS = {"step", "model", "opt", "sched", "torch_rng", "max_grad_norm", "config"}
+
+
+def load_checkpoint(path: str, model, cfg: C.Config, field: str = "--resume") -> dict:
+    """Load a checkpoint written by save_checkpoint into `model`, or refuse it in one line: a damaged,
+    foreign or other-model checkpoint is bad input. Tensors only (weights_only): never run its pickle."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a pickle of anything else
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise GopcError(f"{field}: {path} is not a readable gopc checkpoint ({reason}); "
+                        f"it is damaged or not written by gopc train") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
+        raise GopcError(f"{field}: {path} is not a gopc checkpoint (it lacks the model, optimizer and step); "
+                        f"give a run folder written by gopc train")
+    saved = (state["config"] or {}).get("model", {}) if isinstance(state["config"], dict) else {}
+    for key, value in dataclasses.asdict(cfg.model).items():
+        if key in saved and saved[key] != value:
+            raise GopcError(f"model.{key}: {path} holds a model with model.{key}={saved[key]!r}, but the config "
+                            f"says {value!r}; drop that --set, or give the run folder the checkpoint came from")
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GopcError(f"{field}: {path} does not fit a {cfg.model.kind} model of this config ({first}); "
+                        f"give the run folder the checkpoint came from") from None
+    return state
+
+
 def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: C.Config) -> str:
     state = {"step": step, "model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
              "torch_rng": torch.get_rng_state(), "max_grad_norm": guard.max_grad_norm, "config": cfg.to_dict()}
@@ -72,6 +115,83 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
     torch.save(state, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
     return path
+
+
+LOCK_FILE = ".lock"
+
+
+def folder_in_use(run_dir: str) -> int | None:
+    """The pid of the run that holds this run folder's lock, or None (nothing written to check)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
+@contextlib.contextmanager
+def locked(run_dir: str, field: str = "run folder"):
+    """Hold the run folder's lock while a run uses it: a second run into the same folder is refused.
+    flock is dropped by the kernel when the process ends, however it ends, so no lock ever goes stale."""
+    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode().strip() or "?"
+            raise GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
+                            f"or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class StopOnSignal:
+    """SIGINT and SIGTERM ask the run to stop at the next step boundary, where it checkpoints and ends
+    as killed, instead of dying mid-step. A second signal acts at once (the previous handler). Only the
+    main thread can install handlers; elsewhere (a Tune trial's thread) the run keeps the defaults."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._previous)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def wait_for_signal(stop: StopOnSignal, step: int) -> None:
+    """Test hook (train.inject=wait@STEP): stand still before STEP until SIGINT or SIGTERM arrives, so a
+    test interrupts a run mid-way at a known step, never racing it."""
+    if not stop.active:
+        raise ConfigError("train.inject: wait@STEP needs a run in the main thread, where signals arrive")
+    print(f"train.inject: waiting before step {step} for SIGINT or SIGTERM", flush=True)
+    while not stop.signum:
+        time.sleep(0.05)  # the handler sets stop.signum; this only bounds how soon the loop sees it
 
 
 def inject(model, site: str, value: float) -> None:
@@ -99,76 +219,98 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     opt = torch.optim.Adam(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t_cfg.lr_decay)
     guard, start = Guard(), 0
-    if resume_from:
-        state = torch.load(resume_from, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
+    if resume_from:  # every check of the checkpoint comes before anything is written
+        state = load_checkpoint(resume_from, model, cfg)
+        if state["step"] > t_cfg.steps:
+            raise ConfigError(f"train.steps: {t_cfg.steps} is below the checkpoint's step {state['step']}; "
+                              f"a resumed run can only train on: drop that --set or give a larger value")
+        try:
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise GopcError(f"--resume: {resume_from} holds an optimizer state that does not fit this model ({e}); "
+                            f"give the run folder the checkpoint came from") from None
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         guard.max_grad_norm, start = state["max_grad_norm"], state["step"]
 
-    os.makedirs(run_dir, exist_ok=True)
-    C.save(cfg, os.path.join(run_dir, "config.yaml"))  # the file alone reproduces the run
-    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-    last_ckpt = resume_from
-    hooks.started(cfg, run_dir, n_params(model))
-    fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
-    result = Result("completed", start, run_dir=run_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as e:
+        raise GopcError(f"run folder: {run_dir} cannot be created ({e.strerror}); choose another folder") from None
+    # the folder is held from here on: a second run into it is refused, a signal ends this one cleanly
+    with locked(run_dir), StopOnSignal() as stop:
+        C.save(cfg, os.path.join(run_dir, "config.yaml"))  # the file alone reproduces the run
+        ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+        last_ckpt, ckpt_step = resume_from, start if resume_from else None
+        hooks.started(cfg, run_dir, n_params(model))
+        fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
+        result = Result("completed", start, run_dir=run_dir)
 
-    bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,
-               desc=f"{cfg.model.kind} train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        x = to_float(train_set[batch_indices(t_cfg.seed, len(train_set), t_cfg.batch_size, step)]).to(device)
-        if fault and fault[1] == step:
-            inject(model, fault[0], fault[2])
-        beta = min(1.0, (step + 1) / cfg.stab.kl_anneal_steps) if cfg.stab.kl_anneal_steps else 1.0
-        loss, parts = model(x, beta)
-        if fault and fault[1] == step and fault[0] == "loss":
-            loss = loss + fault[2]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if fault and fault[1] == step and fault[0] == "param_grad":
-            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] += fault[2]
-        params = [p for p in model.parameters() if p.grad is not None]
-        if t_cfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-        # bad data is not divergence: the guard raises a DataError for it, in the same sync
-        record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt, torch.isfinite(x).all())
-        if record is not None:  # stop before the optimizer can write a non-finite value
-            result.status, result.outcome, result.divergence, result.step = "diverged", "diverged", record, step
-            with open(os.path.join(run_dir, "divergence.json"), "w") as f:
-                json.dump(record.to_dict(), f, indent=1)
-            bar.close()
-            hooks.diverged(record, run_dir)
+        bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,
+                   desc=f"{cfg.model.kind} train", unit="step", dynamic_ncols=True)
+        for step in bar:
+            if fault and fault[1] == step and fault[0] == "wait":
+                wait_for_signal(stop, step)
+            if stop.signum:
+                break
+            t0 = time.perf_counter()
+            x = to_float(train_set[batch_indices(t_cfg.seed, len(train_set), t_cfg.batch_size, step)]).to(device)
+            if fault and fault[1] == step:
+                inject(model, fault[0], fault[2])
+            beta = min(1.0, (step + 1) / cfg.stab.kl_anneal_steps) if cfg.stab.kl_anneal_steps else 1.0
+            loss, parts = model(x, beta)
+            if fault and fault[1] == step and fault[0] == "loss":
+                loss = loss + fault[2]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if fault and fault[1] == step and fault[0] == "param_grad":
+                next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] += fault[2]
+            params = [p for p in model.parameters() if p.grad is not None]
+            if t_cfg.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, t_cfg.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
+            # bad data is not divergence: the guard raises a DataError for it, in the same sync
+            record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt, torch.isfinite(x).all())
+            if record is not None:  # stop before the optimizer can write a non-finite value
+                result.status, result.outcome, result.divergence, result.step = "diverged", "diverged", record, step
+                with open(os.path.join(run_dir, "divergence.json"), "w") as f:
+                    json.dump(record.to_dict(), f, indent=1)
+                bar.close()
+                hooks.diverged(record, run_dir)
+                hooks.finished(result)
+                return result
+            opt.step()
+            sched.step()
+            result.step = step + 1
+            result.losses.append(stats.pop("loss"))
+
+            saved = None
+            if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
+                saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
+                ckpt_step = step + 1
+            if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
+                metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),  # log steps only
+                           "beta": beta, "lr": sched.get_last_lr()[0],
+                           "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
+                bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
+                hooks.metrics(step + 1, metrics, saved)
+            if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
+                grids = os.path.join(run_dir, "eval") if hooks.grids_at_every_eval else None
+                hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, grids))
+        bar.close()
+        if stop.signum:  # a signal: checkpoint where the run stands and end it as killed; --resume goes on
+            if ckpt_step != result.step:
+                save_checkpoint(ckpt_path, result.step, model, opt, sched, guard, cfg)
+            result.status, result.signal = "killed", stop.signum
             hooks.finished(result)
             return result
-        opt.step()
-        sched.step()
-        result.step = step + 1
-        result.losses.append(stats.pop("loss"))
-
-        saved = None
-        if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
-            saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
-        if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
-            metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),  # log steps only
-                       "beta": beta, "lr": sched.get_last_lr()[0],
-                       "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
-            bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
-            hooks.metrics(step + 1, metrics, saved)
-        if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
-            grids = os.path.join(run_dir, "eval") if hooks.grids_at_every_eval else None
-            hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, grids))
-    bar.close()
-    result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
-    with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
-        json.dump(result.eval, f, indent=1)
-    result.outcome = outcome(result.eval, t_cfg.learned_margin)
-    hooks.evaluated(result.step, result.eval, images)
-    hooks.finished(result)
-    return result
+        result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
+        with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
+            json.dump(result.eval, f, indent=1)
+        result.outcome = outcome(result.eval, t_cfg.learned_margin)
+        hooks.evaluated(result.step, result.eval, images)
+        hooks.finished(result)
+        return result

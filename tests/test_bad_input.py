@@ -7,16 +7,24 @@ Each row of ROWS is (id, what the user did, how the test triggers it, fragments 
 the first fragment is the field). One parametrized test runs every row and checks:
   * CLI rows (`gopc ...` through gopc.cli.main, the sweep entry through gopc.sweep.run.main), run in a
     fresh temp working dir: exit code 2, exactly one line on stderr (`PROG: error: ...`), nothing on
-    stdout, and the folder's recursive listing unchanged (no run folder, no mlflow.db, no sweep_results);
+    stdout, the folder's recursive listing unchanged, every file's size and modification time included
+    (no run folder, no mlflow.db, no sweep_results, nothing overwritten), and no new MLflow run in any
+    SQLite database of the folder;
   * function rows: the expected exception type, its message on one line.
 docs/bad_input.md shows the same table with the messages these rows produce.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
 import gzip
 import io
 import os
+import shutil
+import socket
+import sqlite3
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -65,6 +73,10 @@ def mnist(damage: str | None = None, per_class: int = 3) -> dict[str, bytes]:
         files[name] = (0x1234).to_bytes(4, "big") + files[name][4:]
     elif damage == "gzip":
         files[name + ".gz"] = gzip.compress(files.pop(name))[:60]
+    elif damage == "gzip-inside":  # whole length, one byte of the deflate stream flipped
+        packed = bytearray(gzip.compress(files.pop(name), mtime=0))
+        packed[len(packed) // 2] ^= 0xFF
+        files[name + ".gz"] = bytes(packed)
     elif damage == "count":
         files[name] = _idx(np.zeros((len(labels) - 1, 28, 28)))
     return files
@@ -94,6 +106,90 @@ def mlflow_db_without_the_sweep(tmp: Path) -> None:
     mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db").create_experiment("some_other_sweep")
 
 
+_TRAINED: dict[str, str] = {}
+
+
+def trained_run(name: str = "r", drop: tuple[str, ...] = (), config: dict | None = None):
+    """Setup: a copy of a real finished TINY run (5 steps, trained once per session, no MLflow) at
+    `name`/, without the files in `drop`, with `config` merged into its config.yaml."""
+    def setup(tmp: Path) -> None:
+        if "run" not in _TRAINED:
+            from gopc import config as C
+            from gopc.train import train as train_run
+            cache = tempfile.mkdtemp(prefix="gopc-bad-input-")
+            atexit.register(shutil.rmtree, cache, True)
+            train_run(C.from_dict(TINY), os.path.join(cache, "r"), progress=False)
+            _TRAINED["run"] = os.path.join(cache, "r")
+        shutil.copytree(_TRAINED["run"], tmp / name, ignore=shutil.ignore_patterns(".lock"))
+        for f in drop:
+            shutil.rmtree(tmp / name / f) if (tmp / name / f).is_dir() else (tmp / name / f).unlink()
+        if config:
+            raw = yaml.safe_load((tmp / name / "config.yaml").read_text())
+            for section, values in config.items():
+                raw[section].update(values)
+            (tmp / name / "config.yaml").write_text(yaml.safe_dump(raw))
+    return setup
+
+
+def foreign_checkpoint(tmp: Path) -> None:
+    """r/: a TINY config.yaml beside a checkpoint.pt that torch reads but gopc never wrote."""
+    import torch
+    (tmp / "r").mkdir()
+    (tmp / "r" / "config.yaml").write_text(yaml.safe_dump(TINY))
+    torch.save({"weights": torch.zeros(3)}, tmp / "r" / "checkpoint.pt")
+
+
+def truncated_checkpoint(tmp: Path) -> None:
+    trained_run(drop=("eval",))(tmp)
+    path = tmp / "r" / "checkpoint.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def held_by_another_run(folder: str, *then: Callable[[Path], None]):
+    """Setup: `folder` is in use: its lock is held, as a running `gopc train` holds it (released after the row)."""
+    def setup(tmp: Path):
+        for step in then:
+            step(tmp)
+        (tmp / folder).mkdir(exist_ok=True)
+        fd = os.open(tmp / folder / ".lock", os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242")
+        return lambda: os.close(fd)
+    return setup
+
+
+def recorded_tracking_uri_gone(tmp: Path) -> None:
+    """r/ was trained with MLflow in a folder whose mlflow.db has since gone."""
+    trained_run(drop=("eval",))(tmp)
+    (tmp / "r" / "mlflow_run_id").write_text("0123456789abcdef0123456789abcdef")
+    (tmp / "r" / "mlflow_tracking_uri").write_text(f"sqlite:///{tmp}/gone/mlflow.db")
+
+
+def no_cuda(tmp: Path):
+    """Setup: torch sees no CUDA (as on a CPU-only machine), for this row only."""
+    import torch
+    real = torch.cuda.is_available
+    torch.cuda.is_available = lambda: False
+    return lambda: setattr(torch.cuda, "is_available", real)
+
+
+def sqlite_without_mlflow(tmp: Path) -> None:
+    with contextlib.closing(sqlite3.connect(tmp / "mlflow.db")) as db:
+        db.execute("create table notes (text)")
+        db.commit()
+
+
+# Tracking servers for the hang rows, held for the module: a port where nothing listens (refused at
+# once), and one that accepts connections but never answers (only MLflow's bounded timeout ends it).
+_CLOSED = socket.socket()
+_CLOSED.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+_SILENT = socket.socket()
+_SILENT.bind(("127.0.0.1", 0))
+_SILENT.listen(16)  # the kernel completes the handshake; nobody ever reads or answers
+CLOSED_URI = f"http://127.0.0.1:{_CLOSED.getsockname()[1]}"
+SILENT_URI = f"http://127.0.0.1:{_SILENT.getsockname()[1]}"
+
+
 # ------------------------------------------------------------------ how a row is triggered
 
 @dataclass
@@ -102,7 +198,8 @@ class Outcome:
     lines: int  # how many lines the user got
     code: int | None = None  # CLI exit code
     exc: type | None = None  # function rows: the exception raised
-    changed: set = field(default_factory=set)  # CLI rows: paths that appeared or vanished in the folder
+    changed: set = field(default_factory=set)  # CLI rows: paths that appeared, vanished or were rewritten
+    new_runs: int = 0  # CLI rows: MLflow runs that appeared
 
 
 def _write(tmp: Path, files: dict) -> None:
@@ -116,7 +213,21 @@ def _write(tmp: Path, files: dict) -> None:
 
 
 def listing(tmp: Path) -> set[str]:
-    return {str(p.relative_to(tmp)) + ("/" if p.is_dir() else "") for p in tmp.rglob("*")}
+    """Every path, and for files their size and modification time: a file rewritten in place counts too."""
+    return {str(p.relative_to(tmp)) + ("/" if p.is_dir() else f" {p.stat().st_size} {p.stat().st_mtime_ns}")
+            for p in tmp.rglob("*")}
+
+
+def mlflow_runs(tmp: Path) -> int:
+    """Runs in the MLflow SQLite databases of the folder (read-only: counting writes nothing)."""
+    total = 0
+    for path in tmp.rglob("*.db"):
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                total += db.execute("select count(*) from runs").fetchone()[0]
+        except sqlite3.DatabaseError:  # not a database, or not MLflow's
+            continue
+    return total
 
 
 @dataclass
@@ -125,7 +236,7 @@ class Cli:
     prog: str  # "gopc" (gopc.cli.main) or "gopc2_stability" (gopc.sweep.run.main, sweeps/gopc2_stability.py)
     argv: tuple
     files: dict = field(default_factory=dict)
-    setup: Callable[[Path], None] | None = None
+    setup: Callable[[Path], Callable[[], None] | None] | None = None  # may return its own cleanup
 
     def __str__(self):
         prog = "gopc" if self.prog == "gopc" else "python sweeps/gopc2_stability.py"
@@ -135,22 +246,25 @@ class Cli:
 
     def fire(self, tmp: Path) -> Outcome:
         _write(tmp, self.files)
-        if self.setup:
-            self.setup(tmp)
+        cleanup = self.setup(tmp) if self.setup else None
         if self.prog == "gopc":
             from gopc.cli import main
         else:
             from gopc.sweep.run import main
-        before = listing(tmp)
+        before, runs_before = listing(tmp), mlflow_runs(tmp)
         out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(self.argv))
-            except SystemExit as e:  # argparse's way out: usage + message, not the one line
-                code = e.code
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(list(self.argv))
+                except SystemExit as e:  # argparse's way out: usage + message, not the one line
+                    code = e.code
+        finally:
+            if cleanup:
+                cleanup()
         lines = err.getvalue().strip().splitlines() + out.getvalue().strip().splitlines()
         return Outcome(message=lines[0] if lines else "", lines=len(lines), code=code,
-                       changed=listing(tmp) ^ before)
+                       changed=listing(tmp) ^ before, new_runs=mlflow_runs(tmp) - runs_before)
 
 
 @dataclass
@@ -212,6 +326,11 @@ def _fractional_gpu_cluster() -> dict[str, str]:
     cfg = yaml.safe_load(GPU_YAML.read_text())
     cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
     return {"gpu.yaml": yaml.safe_dump(cfg)}
+
+
+# stab.h_grad_limit only counts when stab.h_grad clips (a `when`)
+GATED_SPACE = {"stab.h_grad": {"choices": ["none", "clip_norm"]},
+               "stab.h_grad_limit": {"low": 0.1, "high": 10.0, "when": {"stab.h_grad": ["clip_norm"]}}}
 
 
 @dataclass
@@ -385,6 +504,148 @@ ROWS = [
         ("--split", "invalid choice: 'train'")),
     Row("cli-sweep-unknown-option", "sweep entry with --presets smoke (typo)",
         sweep("--config", SWEEP_YAML, "--presets", "smoke"), ("--presets", "unrecognized arguments")),
+
+    # ---- run folders: a run never lands on another one (data loss)
+    Row("out-existing-run", "`--out r` where r/ already holds a finished run",
+        gopc("train", "--config", "run.yaml", "--quiet", "--out", "r", files=run_yaml(), setup=trained_run()),
+        ("--out", "already holds a run", "--resume r")),
+    Row("out-in-use", "`--out r` while another run holds r/",
+        gopc("train", "--config", "run.yaml", "--quiet", "--out", "r", files=run_yaml(), setup=held_by_another_run("r")),
+        ("--out", "in use by another run (pid 4242)")),
+    Row("resume-in-use", "`--resume r` while another run holds r/",
+        gopc("train", "--resume", "r", "--quiet", setup=held_by_another_run("r", trained_run(drop=("eval",)))),
+        ("--resume", "in use by another run (pid 4242)")),
+    Row("seeds-repeated", "`--seeds 0,0` (one seed twice: two runs into one folder)",
+        gopc("train", "--config", "run.yaml", "--seeds", "0,0", files=run_yaml()), ("--seeds", "names a seed twice")),
+    Row("seeds-negative", "`--seeds 0,-1`", gopc("train", "--config", "run.yaml", "--seeds", "0,-1", files=run_yaml()),
+        ("--seeds", "negative seed")),
+    Row("out-under-a-file", "`--out run.yaml/r` (a folder inside a file)",
+        gopc("train", "--config", "run.yaml", "--quiet", "--out", "run.yaml/r", files=run_yaml()),
+        ("--out", "run.yaml is a file")),
+    Row("out-dir-under-a-file", "--set train.out_dir=run.yaml/runs", train("train.out_dir=run.yaml/runs"),
+        ("train.out_dir", "run.yaml is a file")),
+
+    # ---- tracking servers that do not answer: refused within MLflow's bounded wait (no hang)
+    Row("tracking-refused", "mlflow.tracking_uri at a port where nothing listens",
+        train(f"mlflow.tracking_uri={CLOSED_URI}"), ("mlflow.tracking_uri", "does not answer")),
+    Row("tracking-silent", "mlflow.tracking_uri at a server that accepts but never answers",
+        train(f"mlflow.tracking_uri={SILENT_URI}"), ("mlflow.tracking_uri", "does not answer")),
+    Row("best-tracking-refused", "`gopc best --tracking-uri` at a port where nothing listens",
+        gopc("best", "--sweep", "s", "--tracking-uri", CLOSED_URI), ("--tracking-uri", "does not answer")),
+    Row("best-tracking-silent", "`gopc best --tracking-uri` at a server that never answers",
+        gopc("best", "--sweep", "s", "--tracking-uri", SILENT_URI), ("--tracking-uri", "does not answer")),
+    Row("tracking-garbage-db", "./mlflow.db holds garbage, `gopc train` logs there by default",
+        train(files={"mlflow.db": b"garbage, not SQLite" * 100}), ("mlflow.tracking_uri", "not an MLflow database")),
+    Row("tracking-foreign-sqlite", "./mlflow.db is another program's SQLite database",
+        gopc("train", "--config", "run.yaml", "--quiet", files=run_yaml(), setup=sqlite_without_mlflow),
+        ("mlflow.tracking_uri", "not an MLflow database")),
+    Row("best-garbage-db", "`gopc best` next to an mlflow.db that holds garbage",
+        gopc("best", "--sweep", "s", files={"mlflow.db": b"garbage, not SQLite" * 100}),
+        ("--tracking-uri", "not an MLflow database")),
+
+    # ---- --resume: what it would ignore or contradict
+    Row("resume-with-config", "`--resume r --config run.yaml` (the run folder has its own config)",
+        gopc("train", "--resume", "r", "--config", "run.yaml", files=run_yaml(), setup=trained_run(drop=("eval",))),
+        ("--config", "cannot be combined with --resume")),
+    Row("resume-with-out", "`--resume r --out s`",
+        gopc("train", "--resume", "r", "--out", "s", setup=trained_run(drop=("eval",))),
+        ("--out", "cannot be combined with --resume")),
+    Row("resume-with-seeds", "`--resume r --seeds 1`",
+        gopc("train", "--resume", "r", "--seeds", "1", setup=trained_run(drop=("eval",))),
+        ("--seeds", "cannot be combined with --resume")),
+    Row("resume-steps-below-checkpoint", "`--resume r --set train.steps=3`, r's checkpoint is at step 5",
+        gopc("train", "--resume", "r", "--quiet", "--set", "train.steps=3", setup=trained_run(drop=("eval",))),
+        ("train.steps", "below the checkpoint's step 5")),
+    Row("resume-completed", "`--resume r` where r completed its 5 steps",
+        gopc("train", "--resume", "r", "--quiet", setup=trained_run()), ("--resume", "completed its 5 steps")),
+    Row("resume-tracking-gone", "`--resume r` after the mlflow.db r logged to has gone",
+        gopc("train", "--resume", "r", "--quiet", setup=recorded_tracking_uri_gone),
+        ("mlflow.tracking_uri", "no MLflow database", "continue run")),
+
+    # ---- YAML that PyYAML would read quietly wrong, and files that are not YAML
+    Row("config-duplicate-section", "run YAML with a `train:` section written twice",
+        gopc("train", "--config", "run.yaml", files={"run.yaml": yaml.safe_dump(TINY) + "train: {steps: 7}\n"}),
+        ("--config", "'train' is written twice")),
+    Row("config-duplicate-key", "run YAML with model.r_dim written twice in one section",
+        gopc("train", "--config", "run.yaml", files={"run.yaml": "model: {r_dim: 8, ngf: 4, r_dim: 16}\n"}),
+        ("--config", "'r_dim' is written twice")),
+    Row("config-binary", "`--config` names a binary file",
+        gopc("train", "--config", "run.yaml", files={"run.yaml": bytes(range(256))}),
+        ("--config", "not a text YAML file")),
+    Row("config-directory", "`--config` names a folder", gopc("train", "--config", "cfg", files=empty_dir("cfg")),
+        ("--config", "is a folder")),
+    Row("sweep-duplicate-setting", "sweep file with num_samples written twice",
+        sweep("--config", "bad_input.yaml", files={"bad_input.yaml": "num_samples: 2\nnum_samples: 3\n"}),
+        ("--config", "'num_samples' is written twice")),
+
+    # ---- numbers at their edges
+    Row("config-negative-seed", "--set train.seed=-1", train("train.seed=-1"), ("train.seed", "below the minimum 0")),
+    Row("config-negative-data-seed", "--set data.seed=-3", train("data.seed=-3"), ("data.seed", "below the minimum 0")),
+    Row("config-batch-beyond-data", "--set train.batch_size=65 (data.n_train is 64)", train("train.batch_size=65"),
+        ("train.batch_size", "more than data.n_train 64")),
+    Row("config-eval-beyond-data", "--set train.eval_size=9 (data.n_val is 8)", train("train.eval_size=9"),
+        ("train.eval_size", "more than data.n_val 8")),
+    Row("config-cuda-missing", "--set train.device=cuda on a machine without CUDA",
+        gopc("train", "--config", "run.yaml", "--quiet", "--set", "train.device=cuda", files=run_yaml(), setup=no_cuda),
+        ("train.device", "no CUDA GPU")),
+    Row("config-cuda-index", "--set train.device=cuda:99", train("train.device=cuda:99"), ("train.device", "cuda:99")),
+    Row("eval-n-zero", "`gopc eval r --n 0`", gopc("eval", "r", "--n", "0"), ("--n", "'0' is not a whole number of 1")),
+    Row("eval-n-negative", "`gopc eval r --n -3`", gopc("eval", "r", "--n=-3"), ("--n", "'-3' is not a whole number of 1")),
+    Row("eval-n-beyond-split", "`gopc eval r --n 9` (r's test split has 8 sequences)",
+        gopc("eval", "r", "--n", "9", setup=trained_run()), ("--n", "more than the 8 sequences")),
+    Row("best-top-zero", "`gopc best --sweep s --top 0`", gopc("best", "--sweep", "s", "--top", "0"),
+        ("--top", "'0' is not a whole number of 1")),
+
+    # ---- damaged or foreign checkpoints
+    Row("resume-truncated-checkpoint", "`--resume r`, r/checkpoint.pt cut off after 1,000 bytes",
+        gopc("train", "--resume", "r", "--quiet", setup=truncated_checkpoint),
+        ("--resume", "not a readable gopc checkpoint")),
+    Row("resume-garbage-checkpoint", "`--resume r`, r/checkpoint.pt holds garbage",
+        gopc("train", "--resume", "r", "--quiet", files={"r/checkpoint.pt": b"\x80\x02garbage" * 50,
+                                                      "r/config.yaml": yaml.safe_dump(TINY)}),
+        ("--resume", "not a readable gopc checkpoint")),
+    Row("resume-foreign-checkpoint", "`--resume r`, r/checkpoint.pt is torch's but not gopc's",
+        gopc("train", "--resume", "r", "--quiet", setup=foreign_checkpoint), ("--resume", "not a gopc checkpoint")),
+    Row("resume-other-model-size", "`--resume r --set model.r_dim=32` (r's model has r_dim 16)",
+        gopc("train", "--resume", "r", "--quiet", "--set", "model.r_dim=32", setup=trained_run(drop=("eval",))),
+        ("model.r_dim", "holds a model with model.r_dim=16")),
+    Row("resume-other-model-kind", "`--resume r`, r/config.yaml edited to model.kind=vae1",
+        gopc("train", "--resume", "r", "--quiet", setup=trained_run(drop=("eval",), config={"model": {"kind": "vae1"}})),
+        ("model.kind", "holds a model with model.kind='gopc1'")),
+    Row("eval-truncated-checkpoint", "`gopc eval r`, r/checkpoint.pt cut off after 1,000 bytes",
+        gopc("eval", "r", setup=truncated_checkpoint), ("run", "not a readable gopc checkpoint")),
+    Row("eval-foreign-checkpoint", "`gopc eval r`, r/checkpoint.pt is torch's but not gopc's",
+        gopc("eval", "r", setup=foreign_checkpoint), ("run", "not a gopc checkpoint")),
+    Row("eval-other-model-size", "`gopc eval r --set model.ngf=4` (r's model has ngf 8)",
+        gopc("eval", "r", "--set", "model.ngf=4", setup=trained_run()), ("model.ngf", "holds a model with model.ngf=8")),
+    Row("data-damaged-gzip-inside", "train-images-idx3-ubyte.gz with one byte flipped inside (full length)",
+        train("data.source=mnist", files=mnist("gzip-inside")), ("data.source", "damaged gzip")),
+
+    # ---- sweep settings that used to fail only after Ray had started (parent run left RUNNING)
+    Row("sweep-negative-seed", "--set seed=-1", settings_with("seed=-1"), ("sweep.seed", "below the minimum 0")),
+    Row("sweep-storage-under-file", "--set storage=blocker/results, blocker is a file",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--set", "storage=blocker/results", files={"blocker": "x"}),
+        ("storage", "blocker is a file")),
+    Row("sweep-tracking-garbage-db", "--set tracking_uri=sqlite:///bad.db, bad.db holds garbage",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--set", "tracking_uri=sqlite:///bad.db",
+              files={"bad.db": b"garbage" * 100}), ("tracking_uri", "not an MLflow database")),
+    Row("start-point-switched-off", "start point sets stab.h_grad_limit while its when (stab.h_grad) is off",
+        space(GATED_SPACE, start_points=[{"stab.h_grad_limit": 2.0}]),
+        ("sweep.start_points[0].stab.h_grad_limit", "switched off by its when")),
+    Row("start-point-fractional-int", "start point stab.n_steps_h: 1.5 (an int parameter)",
+        space({"stab.n_steps_h": {"low": 1, "high": 3, "type": "int"}}, start_points=[{"stab.n_steps_h": 1.5}]),
+        ("sweep.start_points[0].stab.n_steps_h", "not a whole number")),
+    Row("start-point-repeated", "the same start point listed twice",
+        space({"stab.out_act": {"choices": ["none", "sigmoid"]}},
+              start_points=[{"stab.out_act": "sigmoid"}, {"stab.out_act": "sigmoid"}]),
+        ("sweep.start_points[1]", "same point as start_points[0]")),
+    Row("start-point-impossible", "start point {h_grad: clip_norm, h_grad_limit: 0}: fine alone, impossible together",
+        space(GATED_SPACE | {"stab.h_grad_limit": {"choices": [0.0, 1.0]}},
+              start_points=[{"stab.h_grad": "clip_norm", "stab.h_grad_limit": 0.0}]),
+        ("sweep.start_points[0]", "stab.h_grad_limit", "must be positive")),
+    Row("space-duplicate-choices", "stab.out_act: {choices: [none, sigmoid, none]}",
+        space({"stab.out_act": {"choices": ["none", "sigmoid", "none"]}}),
+        ("space.stab.out_act.choices", "'none' is listed twice")),
 ]
 
 
@@ -422,6 +683,7 @@ def test_bad_input_gets_one_line_naming_the_field_and_leaves_nothing(row, tmp_pa
         assert out.lines == 1, out  # one line in all, usage text and stdout included
         assert out.message.startswith(f"{row.how.prog}: error: "), out
         assert not out.changed, f"{row.id} left {sorted(out.changed)} behind"
+        assert out.new_runs == 0, f"{row.id} left {out.new_runs} MLflow run(s) behind"
     else:
         expected = row.exc if isinstance(row.exc, type) else row.exc()
         assert out.exc is not None and issubclass(out.exc, expected), out

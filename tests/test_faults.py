@@ -254,7 +254,8 @@ def test_a_nan_pixel_is_a_data_error_not_divergence(tmp_path, monkeypatch):
 
     monkeypatch.setattr(T, "to_float", corrupt)
     cfg = C.load(None, ["data.frame_size=32", "data.seq_len=4", "data.n_train=32", "data.n_val=8",
-                        "data.n_test=8", "model.r_dim=8", "model.lstm_dim=8", "model.ngf=4", "train.batch_size=4"])
+                        "data.n_test=8", "model.r_dim=8", "model.lstm_dim=8", "model.ngf=4", "train.batch_size=4",
+                        "train.eval_size=8"])
     with pytest.raises(DataError, match="non-finite pixels"):
         T.train(cfg, str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "divergence.json").exists()

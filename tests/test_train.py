@@ -90,7 +90,8 @@ def test_guard_catches_a_finite_value_that_overflows_the_next_computation(tmp_pa
 def test_naive_gopc2_diverges_and_the_process_exits_cleanly(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     naive = ["model.kind=gopc2", "data.frame_size=32", "data.seq_len=10", "data.n_train=64", "data.n_val=8",
-             "data.n_test=8", "model.r_dim=32", "model.ngf=8", "train.batch_size=8", "train.steps=20"]
+             "data.n_test=8", "model.r_dim=32", "model.ngf=8", "train.batch_size=8", "train.steps=20",
+             "train.eval_size=8"]
     args = ["train", "--no-mlflow", "--quiet", "--out", "run"]
     assert main(args + sum((["--set", s] for s in naive), [])) == 0
     assert "diverged at step" in capsys.readouterr().out

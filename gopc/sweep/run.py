@@ -105,18 +105,15 @@ def pending_path(s: S.Settings) -> str:
 
 
 def check_tracking(uri: str) -> None:
-    """Refuse to start a sweep whose tracking server does not answer: trials would train unrecorded."""
-    if uri.startswith("sqlite:"):
-        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise ConfigError(f"tracking_uri: folder of {uri} is missing or not writable; create it or fix tracking_uri")
-        return
-    import mlflow
-    try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"tracking_uri: MLflow at {uri} does not answer ({type(e).__name__}); start the server "
-                          "(see README), or set tracking_uri: '' for a local SQLite file") from None
+    """Refuse to start a sweep whose tracking store does not answer: trials would train unrecorded."""
+    from gopc.tracking import check_tracking as check  # one check for every command (issue 11)
+    check(uri, "tracking_uri")
+
+
+def check_storage(s: S.Settings) -> None:
+    """A storage path Tune cannot create fails only once Ray runs and the parent run exists."""
+    if "://" not in s.storage_path:
+        C.check_creatable(s.storage_path, "storage")
 
 
 def make_trainable(s: S.Common, kind: Kind):
@@ -179,6 +176,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
     from gopc.sweep.tracking import start_parent
 
+    check_storage(s)
     exists = tune.Tuner.can_restore(s.experiment_path)
     if resume and not exists:
         raise GopcError(f"--resume: no sweep at {s.experiment_path}; start it without --resume")

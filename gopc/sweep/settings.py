@@ -10,7 +10,7 @@ import yaml
 
 from gopc import config as C
 from gopc.errors import ConfigError
-from gopc.sweep.space import Param, parse_space
+from gopc.sweep.space import Param, apply, parse_space
 from gopc.tracking import resolve_uri
 
 OBJECTIVES = [f"{s}/{m}" for s in ("posterior", "prior", "rollout") for m in ("mse", "bce", "psnr", "ssim")]
@@ -75,7 +75,7 @@ class Common:
 @dataclass
 class Settings(Common):
     num_samples: int = C.bounded(32, 1)
-    seed: int = 0
+    seed: int = C.bounded(0, 0)  # Optuna's sampler refuses a negative seed, but only once Ray runs
     scheduler: Scheduler = field(default_factory=Scheduler)
     start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
     space: list[Param] = field(default_factory=list)
@@ -110,7 +110,7 @@ def resolve(raw: dict, preset: str | None, overrides: list[str] | None, cls, wha
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {item!r}: {'.'.join(parents[:i + 1])} is {node!r}, not a mapping")
         try:
-            node[last] = yaml.safe_load(value)
+            node[last] = C.parse_yaml(value)
         except yaml.YAMLError:
             node[last] = value  # as for the run config's --set: the field's own check names the problem
     known = {f.name for f in dataclasses.fields(cls)}
@@ -144,6 +144,10 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
     s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
     base = s.base
     s.space = parse_space(raw.get("space"), base)
+    for p in s.space:  # here, not in space.py, whose owner changes it in parallel (issue 11)
+        if p.choices is not None and len({repr(c) for c in p.choices}) < len(p.choices):
+            repeated = next(c for i, c in enumerate(p.choices) if c in p.choices[:i])
+            raise ConfigError(f"space.{p.name}.choices: {repeated!r} is listed twice; list each value once")
     s.start_points = parse_start_points(raw.get("start_points") or [], s.space, base)
     iterations = -(-C.from_dict(base).train.steps // s.report_every)
     if s.scheduler.type == "asha" and s.scheduler.grace_period > iterations:
@@ -154,27 +158,50 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
 
 def parse_start_points(points, space: list[Param], base: dict) -> list[dict]:
     """Each start point is the base config's value of every searched parameter, with the listed
-    overrides; conditional parameters whose switch is off are left out, as Optuna would."""
+    overrides; conditional parameters whose switch is off are left out, as Optuna would. Everything
+    Optuna or a trial would refuse later, once Ray runs, is refused here."""
     if not isinstance(points, list):
         raise ConfigError("sweep.start_points: expected a list of {parameter: value} mappings")
     flat, names, out = C.from_dict(base).flat(), {p.name: p for p in space}, []
     for i, overrides in enumerate(points):
+        where = f"sweep.start_points[{i}]"
         if not isinstance(overrides, dict):
-            raise ConfigError(f"sweep.start_points[{i}]: expected a mapping of parameter: value")
+            raise ConfigError(f"{where}: expected a mapping of parameter: value")
         for key, value in overrides.items():
             if key not in names:
-                raise ConfigError(f"sweep.start_points[{i}].{key}: not a parameter of the space")
+                raise ConfigError(f"{where}.{key}: not a parameter of the space")
             p = names[key]
-            ok = value in p.choices if p.choices is not None else isinstance(value, (int, float)) and p.low <= value <= p.high
-            if not ok:
-                raise ConfigError(f"sweep.start_points[{i}].{key}: {value!r} is outside the space's range for it")
+            if p.type == "int" and p.choices is None and isinstance(value, float) and value != int(value):
+                raise ConfigError(f"{where}.{key}: {value!r} is not a whole number, and {key} is an int "
+                                  f"parameter; give e.g. {int(value)}")
+            if not _in_space(p, value):
+                raise ConfigError(f"{where}.{key}: {value!r} is outside the space's range for it")
         point = {}
         for p in space:
-            if p.when and point.get(next(iter(p.when))) not in next(iter(p.when.values())):
-                continue
+            if p.when:
+                ((parent, values),) = p.when.items()
+                if point.get(parent) not in values:
+                    if p.name in overrides:  # Optuna would never suggest it: the value would be lost
+                        raise ConfigError(f"{where}.{p.name}: switched off by its when ({parent} is "
+                                          f"{point.get(parent)!r}); drop it or set {parent} to one of {values}")
+                    continue
             point[p.name] = overrides.get(p.name, flat[p.name])
+        try:
+            apply(base, point)
+        except ConfigError as e:  # values fine alone, impossible together (or with the base)
+            raise ConfigError(f"{where}: {e}") from None
+        if point in out:
+            raise ConfigError(f"{where}: the same point as start_points[{out.index(point)}]; list each once")
         out.append(point)
     return out
+
+
+def _in_space(p: Param, value) -> bool:
+    if p.choices is not None:
+        return value in p.choices
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return p.low <= value <= p.high and (p.type != "int" or value == int(value))
 
 
 def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
