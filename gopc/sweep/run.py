@@ -82,8 +82,10 @@ def check_resources(s: S.Settings) -> None:
 
 
 def pending_path(s: S.Settings) -> str:
-    """Where MLflow writes wait while the server is away (local storage only)."""
-    return "" if "://" in s.experiment_path else os.path.join(s.experiment_path, "mlflow_pending.pkl")
+    """Where MLflow writes wait while the server is away: on the driver's disk, whatever Tune's storage,
+    beside the Optuna study when that is a local file (by default beside mlflow.db), else here."""
+    local = S.study_file(s.study_storage)
+    return os.path.join(os.path.dirname(os.path.abspath(local)) if local else os.getcwd(), f"mlflow_pending-{s.name}.pkl")
 
 
 def check_tracking(uri: str) -> None:
@@ -110,19 +112,33 @@ def make_trainable(s: S.Settings):
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
+def make_searcher(s: S.Settings, start_points: list):
+    """The searcher on the sweep's study (created, or loaded as it is); `start_points` are queued in it."""
+    from gopc.sweep.searcher import DivergenceAwareOptunaSearch, open_storage
+    from gopc.sweep.space import SearchSpace
+    return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, seed=s.seed,
+                                       total_steps=C.from_dict(s.base).train.steps, points_to_evaluate=start_points or None,
+                                       storage=open_storage(s.study_storage), study_name=s.name)
+
+
+def check_new_study(s: S.Settings) -> None:
+    """A new sweep must not add its trials to an older study of the same name."""
+    from gopc.sweep.searcher import open_storage
+    if any(st.study_name == s.name for st in open_storage(s.study_storage).get_all_studies()):
+        raise GopcError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}; pass --resume to "
+                        f"continue it, --set name=NEW to start another, or remove it: optuna delete-study "
+                        f"--study-name {s.name} --storage {s.study_storage}")
+
+
 def build_tuner(s: S.Settings, parent_run_id: str):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from gopc.sweep.searcher import DivergenceAwareOptunaSearch
-    from gopc.sweep.space import SearchSpace
     from gopc.sweep.tracking import SweepTracker
 
     steps = C.from_dict(s.base).train.steps
     iterations = -(-steps // s.report_every)
-    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode,
-                                           seed=s.seed, total_steps=steps,
-                                           points_to_evaluate=s.start_points or None)
+    searcher = make_searcher(s, s.start_points)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
                                reduction_factor=s.scheduler.reduction_factor)
                  if s.scheduler.type == "asha" else FIFOScheduler())
@@ -146,7 +162,7 @@ def build_tuner(s: S.Settings, parent_run_id: str):
 def run(s: S.Settings, resume: bool, raw_yaml: str):
     from ray import tune
 
-    from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
+    from gopc.sweep.recovery import align_snapshot, forget_orphans
     from gopc.sweep.summary import summarise
     from gopc.sweep.tracking import start_parent
 
@@ -157,13 +173,15 @@ def run(s: S.Settings, resume: bool, raw_yaml: str):
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
     check_tracking(s.mlflow_uri)
+    if not resume:
+        check_new_study(s)
     connect_ray()
     check_resources(s)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume,
                           {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric,
                            "mode": s.mode, "num_samples": s.num_samples, "seed": s.seed}.items()}, raw_yaml)
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-        repair = align_snapshot(s.experiment_path) if "://" not in s.experiment_path else Repair()
+        repair = align_snapshot(s.experiment_path, make_searcher(s, []))
         if repair.changed:
             print(repair, file=sys.stderr)
             forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
