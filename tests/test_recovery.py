@@ -85,6 +85,16 @@ def test_a_trial_only_the_study_knows_is_failed_and_suggested_again(db):
     assert gen["counter"] == 1 and gen["name:ConcurrencyLimiter"]["live_trials"] == {"a"}
 
 
+def test_a_finished_trial_the_snapshot_lost_is_run_again_and_listed_once(db):
+    s = searcher(db)
+    a, _ = s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("b", {"objective": 0.3, "diverged": 0.0, "step": 100})  # told after the last snapshot
+    gen = generator(2, {"a"})
+    assert align(searcher(db), gen, [tune_trial("a", a)]).orphans == ["b"] and gen["counter"] == 1
+    assert open_study("sweep", db).user_attrs["orphans"] == [1]  # gopc best skips it: its run is deleted
+    assert not align(searcher(db), gen, [tune_trial("a", a)]).changed  # repaired once, for good
+
+
 def test_a_start_point_the_snapshot_lost_is_queued_again(db):
     s = searcher(db, START)
     assert s.suggest("a") == START[0]

@@ -10,7 +10,7 @@ import yaml
 
 from gopc import config as C
 from gopc.errors import GopcError
-from gopc.sweep.searcher import TUNE_ID, feasible, open_study
+from gopc.sweep.searcher import ORPHANS, TUNE_ID, feasible, open_study
 from gopc.sweep.settings import study_storage
 from gopc.sweep.tracking import find_parent
 from gopc.tracking import resolve_uri
@@ -26,7 +26,8 @@ def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", expe
         raise GopcError(f"--top: {top} must be at least 1")
     uri = resolve_uri(tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
     study = open_study(sweep, study_storage(optuna_storage, uri))
-    best = sorted((t for t in study.trials if feasible(t)), key=lambda t: t.value,
+    lost = set(study.user_attrs.get(ORPHANS, []))  # rerun after a kill, their MLflow runs deleted
+    best = sorted((t for t in study.trials if feasible(t) and t.number not in lost), key=lambda t: t.value,
                   reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)[:top]
     if not best:
         raise GopcError(f"--sweep: sweep {sweep!r} has no completed trial yet; nothing to export")

@@ -3,12 +3,12 @@
 Tune writes its trial list (experiment_state-*.json) and the trial generator's state
 (search_gen_state-*.json) to a staging folder, then copies them to storage one by one, while the Optuna
 study commits every ask and tell at once. After a kill the study is ahead of the snapshot:
-- an Optuna trial asked for a Tune trial the snapshot never recorded: it would stay RUNNING for ever,
-  and the generator may count it, so a trial would never run;
+- an Optuna trial asked (even told) for a Tune trial the snapshot never recorded: it would stay RUNNING
+  for ever, and the generator may count it, so a trial would never run;
 - a Tune trial that finished without the study being told, which Tune will not report again.
-The trial list is what Tune restores, so it is taken as the truth: such Optuna trials are set FAIL (a
-start point among them is queued again), finished trials are told, and the generator counts exactly
-the trials Tune has. The searcher itself reads its trials back from the study (searcher.restore).
+The trial list is what Tune restores, so it is taken as the truth: such an Optuna trial is set FAIL if
+still RUNNING and listed in the study's "orphans" attr, its trial is suggested anew (a start point is
+queued again); finished trials are told, and the generator counts exactly the trials Tune has. The searcher itself reads its trials back from the study (searcher.restore).
 A kill before Tune's first snapshot was complete leaves nothing to resume from (and no trial has
 finished by then): the snapshot and the study are discarded and the sweep starts over under the same
 parent run. The experiment may be a local folder or a URI (s3://...): files go through pyarrow.fs, as
@@ -27,7 +27,7 @@ from pyarrow import fs as pafs
 from ray.tune.experiment.trial import Trial
 
 from gopc.errors import GopcError
-from gopc.sweep.searcher import TUNE_ID, DivergenceAwareOptunaSearch
+from gopc.sweep.searcher import ORPHANS, TUNE_ID, DivergenceAwareOptunaSearch
 from gopc.sweep.tracking import load_pending, save_pending
 
 SNAPSHOT = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
@@ -99,13 +99,18 @@ def align(searcher: DivergenceAwareOptunaSearch, gen: dict, trials: list[Trial])
     if unknown := known - set(searcher._ot_trials):
         raise GopcError(f"--resume: the Optuna study {study.study_name!r} has no trial(s) {', '.join(sorted(unknown))} "
                         "of this sweep; resume with the optuna_storage the sweep started with")
-    orphans = []
-    for ot in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if ot.user_attrs.get(TUNE_ID) not in known:  # no tune id: killed between the ask and the attr
+    orphans, lost = [], set(study.user_attrs.get(ORPHANS, []))
+    for ot in study.get_trials(deepcopy=False):
+        if ot.user_attrs.get(TUNE_ID) in known or ot.number in lost or ot.state == TrialState.WAITING:
+            continue
+        if ot.state == TrialState.RUNNING:
             study.tell(ot.number, state=TrialState.FAIL)  # which TPE ignores, rather than RUNNING for ever
-            if "fixed_params" in ot.system_attrs:  # a start point: it must still run
-                study.enqueue_trial(ot.system_attrs["fixed_params"])
-            orphans.append(ot.user_attrs.get(TUNE_ID, f"#{ot.number}"))
+        if "fixed_params" in ot.system_attrs:  # a start point: it must still run
+            study.enqueue_trial(ot.system_attrs["fixed_params"])
+        orphans.append(ot.user_attrs.get(TUNE_ID, f"#{ot.number}"))  # no tune id: killed between ask and attr
+        lost.add(ot.number)
+    if orphans:  # a finished trial cannot be changed, so the study lists them (and gopc best skips them)
+        study.set_user_attr(ORPHANS, sorted(lost))
     told = []
     for trial in trials:
         if trial.status in FINISHED and trial.trial_id not in searcher._completed_trials:

@@ -26,6 +26,7 @@ from gopc.errors import GopcError
 from gopc.sweep.settings import study_file
 
 TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
+ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a kill lost (see recovery.py)
 
 
 def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
