@@ -95,22 +95,21 @@ def test_a_sweep_on_s3_killed_and_resumed_finishes_every_trial_once(s3, tmp_path
     assert not [k for k in keys(s3) if "mlflow_pending" in k]  # the driver's queue stays on its own disk
     assert not (tmp_path / "mlflow_pending-gopc2_stability.pkl").exists()  # drained
 
-    # MLflow: one parent with its summary, one run per trial, no iteration logged twice
+    # MLflow: one parent with its summary, one finished run per trial. (A trial resumes from the last
+    # checkpoint Tune's snapshot recorded, so iterations after it may be trained and logged again.)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("gopc2_stability")
     (parent,) = client.search_runs([exp.experiment_id], "tags.role = 'parent'")
     runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
     assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(t.trial_id for t in trials)
-    for r in runs:
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
-        assert len(steps) == len(set(steps)), (r.info.run_name, steps)
+    assert all(r.info.status in ("FINISHED", "FAILED") and r.data.tags["status"] != "running" for r in runs)
     assert parent.data.tags["status"] == "completed"
     assert {"trials.csv", "best_config.yaml", "optimisation_history.png", "param_importances.png"} <= \
         {a.path for a in client.list_artifacts(parent.info.run_id)}
 
     # the study in the documented default storage: every trial told once, none left RUNNING
     study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{tmp_path}/optuna.db")
-    told = [t for t in study.trials if t.state != optuna.trial.TrialState.FAIL]  # FAIL: lost with the kill, rerun
+    told = [t for t in study.trials if t.number not in study.user_attrs.get("orphans", [])]  # lost with the kill
     assert all(t.state in TERMINAL for t in study.trials)
     assert sorted(t.user_attrs["tune_trial_id"] for t in told) == sorted(t.trial_id for t in trials)
 
