@@ -238,7 +238,7 @@ def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
         for r in runs:  # every iteration Tune saw is in MLflow
             logged = client.get_metric_history(r.info.run_id, "objective")
             assert len(logged) == seen[r.data.tags["trial_id"]], r.info.run_name
-        assert not (tmp_path / "sweep_results" / "gopc2_stability" / "mlflow_pending.pkl").exists()
+        assert not (tmp_path / "mlflow_pending-gopc2_stability.pkl").exists()  # beside optuna.db, drained
     finally:
         server.stop()
 
@@ -281,8 +281,6 @@ def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
     """Tune writes its trial list and its searcher state separately; a kill between the two leaves the
     searcher counting a trial Tune never recorded. Simulated by dropping the last trial from the trial
     list: the resumed sweep runs it again, and no Optuna trial is left RUNNING."""
-    from gopc.sweep import settings as S
-    from gopc.sweep.summary import load_study
     args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
                                                "--set", "scheduler.type=fifo"]
     assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
@@ -296,9 +294,10 @@ def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
     assert f"trial(s) {dropped} will be suggested again" in resumed.stderr
     analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
     assert dropped not in {t.trial_id for t in analysis.trials}
-    settings = S.load(SWEEP_YAML, "smoke", [f"storage={tmp_path}/sweep_results"])
-    states = [t.state for t in load_study(settings).trials]
-    assert optuna.trial.TrialState.RUNNING not in states and len(states) == 3  # the dropped one, then its rerun
+    study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert optuna.trial.TrialState.RUNNING not in [t.state for t in study.trials]
+    assert len(study.trials) == 3  # the dropped one, then its rerun
+    assert study.user_attrs["orphans"] == [t.number for t in study.trials if t.user_attrs["tune_trial_id"] == dropped]
     again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0 and "will be suggested again" not in again.stderr  # repaired once, for good
     assert len(tune_trials(tmp_path).trials) == 2

@@ -1,10 +1,10 @@
-"""A driver killed while Tune copies its snapshot leaves the trial list and the searcher state from two
-different moments. Each combination is built here from real objects, and the repair must leave every
-trial Tune knows in the searcher, no Optuna trial RUNNING for ever, and the generator counting right."""
+"""The Optuna study lives in a database that commits every ask and tell, so a killed driver leaves it
+ahead of Tune's snapshot. Each combination is built here from real objects on a real SQLite study, and
+the repair must leave no Optuna trial RUNNING for ever, every start point still to run, and the
+generator counting right; the searcher Tune restores reads its trials from the study, not its pickle."""
 import json
 import os
 
-import optuna
 import pytest
 from optuna.trial import TrialState
 from ray.tune import PlacementGroupFactory
@@ -13,17 +13,23 @@ from ray.tune.experiment.trial import Trial
 from gopc.errors import GopcError
 from gopc.sweep import settings as S
 from gopc.sweep.recovery import align, align_snapshot
-from gopc.sweep.searcher import DivergenceAwareOptunaSearch
+from gopc.sweep.searcher import TUNE_ID, DivergenceAwareOptunaSearch, open_storage, open_study
 from gopc.sweep.space import SearchSpace
 
 SPACE = {"stab.inner_lr_h": {"low": 0.01, "high": 1.0, "log": True}, "stab.out_act": {"choices": ["none", "sigmoid"]}}
 START = [{"stab.inner_lr_h": 0.5, "stab.out_act": "sigmoid"}, {"stab.inner_lr_h": 0.1, "stab.out_act": "none"}]
 
 
-def searcher(start=None):
+@pytest.fixture
+def db(tmp_path):
+    return f"sqlite:///{tmp_path}/optuna.db"
+
+
+def searcher(db, start=None, name="sweep"):
     space = S.parse_space(SPACE, {"model": {"kind": "gopc2"}})
     return DivergenceAwareOptunaSearch(space=SearchSpace(space), metric="objective", mode="min", seed=0,
-                                       total_steps=100, points_to_evaluate=start)
+                                       total_steps=100, points_to_evaluate=start, storage=open_storage(db),
+                                       study_name=name)
 
 
 def tune_trial(tid, config, status=Trial.RUNNING, result=None):
@@ -41,62 +47,101 @@ def generator(counter, live, total=4):
             "name:ConcurrencyLimiter": {"live_trials": set(live), "num_unfinished_live_trials": len(live)}}
 
 
-def states(s):
-    return [t.state for t in s._ot_study.trials]
+def states(db, name="sweep"):
+    return [t.state for t in open_study(name, db).trials]
 
 
-def test_a_trial_only_the_searcher_knows_is_failed_and_suggested_again():
-    s = searcher()
+def test_every_trial_carries_its_tune_id_and_is_in_storage_at_once(db):
+    s = searcher(db)
+    s.suggest("a")
+    s.on_trial_complete("a", {"objective": 0.2, "diverged": 0.0, "step": 100})
+    s.suggest("b")
+    (a, b) = open_study("sweep", db).trials  # another connection sees both: nothing waits for a save
+    assert (a.user_attrs[TUNE_ID], a.state, a.value) == ("a", TrialState.COMPLETE, 0.2)
+    assert (b.user_attrs[TUNE_ID], b.state) == ("b", TrialState.RUNNING)
+
+
+def test_the_restored_searcher_reads_its_trials_from_the_study_not_its_pickle(db, tmp_path):
+    s = searcher(db)
+    s.suggest("a")
+    s.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot, taken before the rest happened
+    s.suggest("b")
+    s.on_trial_complete("a", {"objective": 0.2, "diverged": 0.0, "step": 100})
+    restored = DivergenceAwareOptunaSearch(total_steps=1)  # as Tune builds it: the pickle brings the rest
+    restored.restore(str(tmp_path / "searcher.pkl"))
+    assert set(restored._ot_trials) == {"a", "b"} and restored._completed_trials == {"a"}
+    restored.on_trial_complete("b", {"objective": 0.1, "diverged": 0.0, "step": 100})
+    assert states(db) == [TrialState.COMPLETE, TrialState.COMPLETE]
+
+
+def test_a_trial_only_the_study_knows_is_failed_and_suggested_again(db):
+    s = searcher(db)
     a, _ = s.suggest("a"), s.suggest("b")
+    s._ot_study.ask()  # killed between an ask and its tune id
     gen = generator(2, {"a", "b"})
-    repair = align(s, gen, [tune_trial("a", a)])
-    assert repair.orphans == ["b"] and repair.changed
-    assert set(s._ot_trials) == {"a"} and states(s) == [TrialState.RUNNING, TrialState.FAIL]
+    repair = align(searcher(db), gen, [tune_trial("a", a)])
+    assert repair.orphans == ["b", "#2"] and repair.changed
+    assert states(db) == [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
     assert gen["counter"] == 1 and gen["name:ConcurrencyLimiter"]["live_trials"] == {"a"}
 
 
-def test_a_trial_only_tune_knows_is_given_to_the_searcher_with_its_parameters():
-    s, ahead = searcher(), searcher()  # `ahead` is the searcher as it was when Tune recorded b
-    s.suggest("a")
-    ahead.suggest("a")
-    b = ahead.suggest("b")
-    gen = generator(1, {"a"})  # the generator state is as stale as the searcher
-    repair = align(s, gen, [tune_trial("a", ahead._ot_trials["a"].params), tune_trial("b", b)])
-    assert repair.adopted == ["b"] and gen["counter"] == 2
-    assert s._ot_trials["b"].params == b
-    s.on_trial_complete("b", {"objective": 0.2, "diverged": 0.0, "step": 100})  # Tune resumes b, then reports it
-    assert s._ot_study.trials[-1].state == TrialState.COMPLETE and s._ot_study.trials[-1].params == b
+def test_a_finished_trial_the_snapshot_lost_is_run_again_and_listed_once(db):
+    s = searcher(db)
+    a, _ = s.suggest("a"), s.suggest("b")
+    s.on_trial_complete("b", {"objective": 0.3, "diverged": 0.0, "step": 100})  # told after the last snapshot
+    gen = generator(2, {"a"})
+    assert align(searcher(db), gen, [tune_trial("a", a)]).orphans == ["b"] and gen["counter"] == 1
+    assert open_study("sweep", db).user_attrs["orphans"] == [1]  # gopc best skips it: its run is deleted
+    assert not align(searcher(db), gen, [tune_trial("a", a)]).changed  # repaired once, for good
 
 
-def test_a_start_point_tune_already_ran_is_taken_off_the_stale_searchers_queue():
-    s = searcher(START)
-    s.suggest("a")
-    repair = align(s, generator(1, {"a"}), [tune_trial("a", START[0]), tune_trial("b", START[1])])
-    assert repair.adopted == ["b"]
-    assert TrialState.WAITING not in states(s)  # the second start point is not run a second time
-    assert s.suggest("c") not in START
+def test_a_start_point_the_snapshot_lost_is_queued_again(db):
+    s = searcher(db, START)
+    assert s.suggest("a") == START[0]
+    repair = align(searcher(db), generator(1, {"a"}), [])
+    assert repair.orphans == ["a"]
+    again = searcher(db)
+    again.reload_trials()
+    assert [again.suggest("b"), again.suggest("c")] == [START[1], START[0]]
 
 
-def test_trials_that_finished_unseen_by_the_searcher_are_told_and_none_stays_running():
-    s = searcher()
+def test_trials_that_finished_unseen_by_the_study_are_told_and_none_stays_running(db):
+    s = searcher(db)
     a, b = s.suggest("a"), s.suggest("b")
     diverged = {"objective": 1e6, "diverged": 1.0, "step": 7}
-    repair = align(s, generator(2, set()), [tune_trial("a", a, Trial.TERMINATED, diverged),
-                                            tune_trial("b", b, Trial.ERROR)])
+    snapshot = [tune_trial("a", a, Trial.TERMINATED, diverged), tune_trial("b", b, Trial.ERROR)]
+    repair = align(searcher(db), generator(2, set()), snapshot)
     assert sorted(repair.told) == ["a", "b"]
-    study = s._ot_study.trials
+    study = open_study("sweep", db).trials
     assert [t.state for t in study] == [TrialState.COMPLETE, TrialState.FAIL]
     assert study[0].user_attrs["status"] == "diverged" and study[0].constraints["diverged"] > 1
-    assert not align(s, generator(2, set()), [tune_trial("a", a, Trial.TERMINATED, diverged),
-                                              tune_trial("b", b, Trial.ERROR)]).changed  # repaired for good
+    assert not align(searcher(db), generator(2, set()), snapshot).changed  # repaired for good
 
 
-def test_an_intact_snapshot_is_left_alone():
-    s = searcher()
+def test_an_intact_snapshot_is_left_alone(db):
+    s = searcher(db)
     a = s.suggest("a")
-    assert not align(s, generator(1, {"a"}), [tune_trial("a", a)]).changed
-    assert not align(s, generator(1, {"a"}, total=1), [tune_trial("a", a)]).changed
-    assert isinstance(s._ot_trials["a"], optuna.Trial)
+    assert not align(searcher(db), generator(1, {"a"}), [tune_trial("a", a)]).changed
+    assert not align(searcher(db), generator(1, {"a"}, total=1), [tune_trial("a", a)]).changed
+
+
+def test_a_study_that_does_not_know_tunes_trials_is_refused(db, tmp_path):
+    a = searcher(db).suggest("a")
+    elsewhere = f"sqlite:///{tmp_path}/other.db"
+    with pytest.raises(GopcError, match="optuna_storage the sweep started with"):
+        align(searcher(elsewhere), generator(1, {"a"}), [tune_trial("a", a)])
+
+
+def test_two_sweeps_sharing_one_storage_keep_their_trials_apart(db):
+    one, two = searcher(db, name="one"), searcher(db, name="two")
+    one.suggest("a")
+    two.suggest("b")
+    two.suggest("c")
+    one.on_trial_complete("a", {"objective": 0.2, "diverged": 0.0, "step": 100})
+    assert [t.user_attrs[TUNE_ID] for t in open_study("one", db).trials] == ["a"]
+    assert [t.user_attrs[TUNE_ID] for t in open_study("two", db).trials] == ["b", "c"]
+    repair = align(searcher(db, name="two"), generator(1, {"b"}), [tune_trial("b", {})])
+    assert repair.orphans == ["c"] and states(db, "one") == [TrialState.COMPLETE]
 
 
 def write_state(folder, trials):
@@ -104,18 +149,24 @@ def write_state(folder, trials):
         json.dumps({"trial_data": [list(t.get_json_state()) for t in trials], "runner_data": {}}))
 
 
-def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp_path):
-    write_state(tmp_path, [tune_trial("a", START[0])])  # the searcher's files never made it to storage
-    for name in ("tuner.pkl", "run_trial_a_1_x/result.json", "mlflow_pending.pkl"):
-        (tmp_path / name).parent.mkdir(exist_ok=True)
-        (tmp_path / name).write_text("x")
-    repair = align_snapshot(str(tmp_path))
+def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(db, tmp_path):
+    experiment = tmp_path / "sweep"
+    experiment.mkdir()
+    write_state(experiment, [tune_trial("a", START[0])])  # the searcher's files never made it to storage
+    for name in ("tuner.pkl", "run_trial_a_1_x/result.json", "notes.txt"):
+        (experiment / name).parent.mkdir(exist_ok=True)
+        (experiment / name).write_text("x")
+    s = searcher(db, START)
+    s.suggest("a")
+    repair = align_snapshot(str(experiment), s)
     assert repair.restart and "starting it over" in str(repair)
-    assert sorted(os.listdir(tmp_path)) == ["mlflow_pending.pkl"]  # the tracker's queue is for forget_orphans
+    assert sorted(os.listdir(experiment)) == ["notes.txt"]
+    with pytest.raises(GopcError, match="no Optuna study named 'sweep'"):  # its start points are queued anew
+        open_study("sweep", db)
 
 
-def test_a_snapshot_with_finished_trials_and_no_searcher_is_refused_and_kept(tmp_path):
+def test_a_snapshot_with_finished_trials_and_no_searcher_is_refused_and_kept(db, tmp_path):
     write_state(tmp_path, [tune_trial("a", START[0], Trial.TERMINATED, {"objective": 0.1, "step": 100})])
     with pytest.raises(GopcError, match="--set name=NEW"):
-        align_snapshot(str(tmp_path))
-    assert len(os.listdir(tmp_path)) == 1
+        align_snapshot(str(tmp_path), searcher(db))
+    assert sorted(os.listdir(tmp_path)) == ["experiment_state-2026-01-01_00-00-00.json", "optuna.db"]

@@ -20,7 +20,6 @@ from gopc.sweep import settings as S
 from gopc.sweep.run import main as sweep_main
 from gopc.sweep.searcher import DivergenceAwareOptunaSearch
 from gopc.sweep.space import SearchSpace
-from gopc.sweep.summary import load_study
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
@@ -70,7 +69,7 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
             assert "divergence.json" in artifacts and child.data.tags["diverged_quantity"]
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_config.yaml", "search_space.yaml", "outcome_by_stabilizer.png",
-            "optimisation_history.png", "param_importances.png"} <= parent_files
+            "optimisation_history.png", "param_importances.png", "parallel_coordinate.png", "slice.png"} <= parent_files
     assert parent.data.metrics["n_trials"] == 6 and parent.data.metrics["n_diverged"] >= 1
 
 
@@ -91,7 +90,7 @@ def test_diverged_trials_end_in_the_step_their_guard_fired(smoke):
 
 def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasible(smoke):
     folder, settings, client = smoke
-    study = load_study(settings)
+    study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{folder}/optuna.db")  # the default
     states = [t.state for t in study.trials]
     assert len(states) == 6 and optuna.trial.TrialState.RUNNING not in states
     for t in study.trials:

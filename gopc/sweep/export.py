@@ -1,40 +1,55 @@
-"""`gopc best`: read a sweep back from MLflow and write its top-K configs as YAML that
-`gopc train --config` runs unchanged."""
+"""`gopc best`: rank a sweep's trials by its Optuna study and write the top-K configs, as their MLflow
+runs logged them, as YAML that `gopc train --config` runs unchanged."""
 from __future__ import annotations
 
 import os
 
 import mlflow
+import optuna
 import yaml
 
 from gopc import config as C
 from gopc.errors import GopcError
 from gopc.evaluate import scored_line
-from gopc.sweep.searcher import COMPLETED
+from gopc.sweep.searcher import COMPLETED, ORPHANS, TUNE_ID, open_study
+from gopc.sweep.settings import study_storage
 from gopc.sweep.tracking import find_parent
 from gopc.tracking import resolve_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "") -> list[tuple]:
-    """The sweep's top trials as (MLflow run, run config), best first: learned trials before collapsed ones."""
+def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "",
+                 optuna_storage: str = "") -> list[tuple]:
+    """The sweep's top trials by its Optuna study (its storage as the sweep's settings resolve it) as
+    (MLflow run, run config), best first: learned trials, then collapsed ones only to fill up (their
+    header says so), each config as its MLflow run logged it."""
     if top < 1:
         raise GopcError(f"--top: {top} must be at least 1")
     uri = resolve_uri(tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
+    study = open_study(sweep, study_storage(optuna_storage, uri))
+    lost = set(study.user_attrs.get(ORPHANS, []))  # rerun after a kill, their MLflow runs deleted
+    best = []
+    for status in COMPLETED:
+        best += sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                        and t.user_attrs.get("status") == status and t.number not in lost), key=lambda t: t.value,
+                       reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    best = best[:top]
+    if not best:
+        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment or sweep)
     parent = find_parent(client, exp.experiment_id, sweep) if exp else None
     if parent is None:
         raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
-    order = "ASC" if parent.data.params.get("sweep.mode", "min") == "min" else "DESC"
     runs = []
-    for status in COMPLETED:  # learned trials first; collapsed ones only to fill up, and the header says so
-        runs += client.search_runs(
-            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.status = '{status}'",
-            order_by=[f"metrics.objective {order}"], max_results=top - len(runs)) if len(runs) < top else []
-    if not runs:
-        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
+    for t in best:
+        found = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                   f"and tags.trial_id = '{t.user_attrs[TUNE_ID]}'", max_results=1)
+        if not found:
+            raise GopcError(f"--sweep: trial {t.user_attrs[TUNE_ID]} of {sweep!r} has no MLflow run yet; "
+                            "its writes may still be queued: run the sweep with --resume to log them")
+        runs.append(found[0])
     configs = []
     for run in runs:  # check every config before writing any file
         with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:
@@ -42,8 +57,9 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
     return configs
 
 
-def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "") -> list[str]:
-    configs = best_configs(sweep, top, tracking_uri, experiment)
+def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "",
+                optuna_storage: str = "") -> list[str]:
+    configs = best_configs(sweep, top, tracking_uri, experiment, optuna_storage)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i, (run, cfg) in enumerate(configs, 1):

@@ -100,8 +100,10 @@ def check_resources(s: S.Settings) -> None:
 
 
 def pending_path(s: S.Settings) -> str:
-    """Where MLflow writes wait while the server is away (local storage only)."""
-    return "" if "://" in s.experiment_path else os.path.join(s.experiment_path, "mlflow_pending.pkl")
+    """Where MLflow writes wait while the server is away: on the driver's disk, whatever Tune's storage,
+    beside the Optuna study when that is a local file (by default beside mlflow.db), else here."""
+    local = S.study_file(s.study_storage)
+    return os.path.join(os.path.dirname(os.path.abspath(local)) if local else os.getcwd(), f"mlflow_pending-{s.name}.pkl")
 
 
 def check_tracking(uri: str) -> None:
@@ -126,20 +128,35 @@ def make_trainable(s: S.Common, kind: Kind):
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
+def make_searcher(s: S.Settings, start_points: list):
+    """The searcher on the sweep's study (created, or loaded as it is); `start_points` are queued in it."""
+    from gopc.sweep.searcher import DivergenceAwareOptunaSearch, open_storage
+    from gopc.sweep.space import SearchSpace
+    base = C.from_dict(s.base)
+    return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, seed=s.seed,
+                                       total_steps=base.train.steps, margin=base.train.learned_margin,
+                                       points_to_evaluate=start_points or None,
+                                       storage=open_storage(s.study_storage), study_name=s.name)
+
+
+def check_new_study(s: S.Settings) -> None:
+    """A new sweep must not add its trials to an older study of the same name."""
+    from gopc.sweep.searcher import open_storage
+    if any(st.study_name == s.name for st in open_storage(s.study_storage).get_all_studies()):
+        raise GopcError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}; pass --resume to "
+                        f"continue it, --set name=NEW to start another, or remove it: optuna delete-study "
+                        f"--study-name {s.name} --storage {s.study_storage}")
+
+
 def sweep_setup(s: S.Settings):
     """A search: Optuna's TPE proposes the trials, ASHA stops the slow-but-finite ones."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from gopc.sweep.searcher import DivergenceAwareOptunaSearch
-    from gopc.sweep.space import SearchSpace
-
     base = C.from_dict(s.base)
     steps = base.train.steps
     iterations = -(-steps // s.report_every)
-    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode,
-                                           seed=s.seed, total_steps=steps, margin=base.train.learned_margin,
-                                           points_to_evaluate=s.start_points or None)
+    searcher = make_searcher(s, s.start_points)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
                                reduction_factor=s.scheduler.reduction_factor)
                  if s.scheduler.type == "asha" else FIFOScheduler())
@@ -184,12 +201,13 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
     check_tracking(s.mlflow_uri)
+    if kind.searched and not resume:
+        check_new_study(s)
     connect_ray()
     check_resources(s)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml)
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-        local = "://" not in s.experiment_path
-        repair = align_snapshot(s.experiment_path) if kind.searched and local else Repair()
+        repair = align_snapshot(s.experiment_path, make_searcher(s, [])) if kind.searched else Repair()
         if repair.changed:
             print(repair, file=sys.stderr)
             forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))

@@ -14,13 +14,43 @@ Optuna's importances mean what they say; and Optuna 5's TPE ranks every feasible
 every pruned one, and those above every infeasible one, infeasible ones by their violation. So TPE
 models "good" as: learned by objective, then stopped early, then collapsed by how far below the margin
 (a gradient towards learning even before any trial has learned), then diverged, later before earlier.
+The study lives in persistent storage (settings.study_storage), where every ask and tell is committed
+at once, so it can be read while the sweep runs (optuna.load_study, optuna-dashboard) and after it
+without Ray. Each Optuna trial carries its Tune trial id, and on a restore the storage, not the pickle
+Tune saved, says which Optuna trial belongs to which Tune trial.
 """
 from __future__ import annotations
 
 import os
 
+import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
+
+from gopc.errors import GopcError
+from gopc.sweep.settings import study_file
+
+TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
+ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a kill lost (see recovery.py)
+
+
+def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
+    """A path ending in .log is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
+    path = study_file(url)
+    if must_exist and path and not os.path.exists(path):  # opening it would create an empty one
+        raise GopcError(f"no Optuna study storage at {path}; pass the sweep's optuna_storage, or run from its folder")
+    if "://" not in url:
+        from optuna.storages.journal import JournalFileBackend
+        return optuna.storages.JournalStorage(JournalFileBackend(url))
+    return optuna.storages.RDBStorage(url)
+
+
+def open_study(name: str, url: str) -> optuna.Study:
+    """A sweep's study, read from its storage (never created)."""
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url, must_exist=True))
+    except KeyError:
+        raise GopcError(f"no Optuna study named {name!r} in {url}; check the sweep name or optuna_storage") from None
 
 
 COMPLETED = ("learned", "collapsed")  # the statuses of a trial that trained to the end
@@ -40,10 +70,40 @@ def collapse_constraint(result: dict, margin: float) -> float:
     return gap / (1 + gap) if gap == gap else 0.999  # NaN skill: as bad as collapsing gets
 
 
+def trained(t: optuna.trial.FrozenTrial) -> bool:
+    """Complete and not diverged: its value is a real validation metric, not the divergence penalty
+    (a collapsed trial is infeasible for TPE, yet its value is as real as a learned one's)."""
+    return t.state == TrialState.COMPLETE and t.constraints.get("diverged", 0.0) <= 0
+
+
 class DivergenceAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args, total_steps: int, margin: float = 0.1, **kwargs):
         super().__init__(*args, **kwargs)
         self.total_steps, self.margin = total_steps, margin
+
+    def suggest(self, trial_id: str):
+        asked = trial_id in self._ot_trials
+        config = super().suggest(trial_id)
+        if not asked:
+            self._ot_trials[trial_id].set_user_attr(TUNE_ID, trial_id)
+        return config
+
+    def restore(self, checkpoint_path: str):
+        """Tune's --resume: the pickle brings back the sampler (its random state) and the storage; the
+        trials are read from the storage, which may be ahead of the pickle."""
+        super().restore(checkpoint_path)
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
+                                           sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
+        self.reload_trials()
+
+    def reload_trials(self):
+        """Which Optuna trial is which Tune trial, and which were told, as the storage records it."""
+        self._ot_trials, self._completed_trials = {}, set()
+        for t in self._ot_study.get_trials(deepcopy=False):
+            if tid := t.user_attrs.get(TUNE_ID):
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, t._trial_id)
+                if t.state.is_finished():
+                    self._completed_trials.add(tid)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
         ot_trial = self._ot_trials.get(trial_id)
@@ -66,16 +126,6 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             self._completed_trials.add(trial_id)
             return None
         return super().on_trial_complete(trial_id, result, error)
-
-
-def saved_searcher(path: str) -> DivergenceAwareOptunaSearch:
-    """The searcher as Tune saved it: a searcher-state-*.pkl file, or the newest one in an experiment folder."""
-    searcher = DivergenceAwareOptunaSearch(total_steps=1)  # its settings come back with the pickle
-    if os.path.isdir(path):
-        searcher.restore_from_dir(path)
-    else:
-        searcher.restore(path)
-    return searcher
 
 
 def trial_status(result: dict | None, error: bool, total_steps: int) -> str:

@@ -41,6 +41,9 @@ class Common:
     storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
     tracking_uri: str = ""  # "" = $GOPC_TRACKING_URI or sqlite:///./mlflow.db
     experiment: str = ""  # MLflow experiment; "" = the sweep name
+    # a sweep's Optuna study; "" = $GOPC_OPTUNA_STORAGE or optuna.db beside mlflow.db (see study_storage).
+    # The driver keeps its queued MLflow writes beside it, for a study (no Optuna) too.
+    optuna_storage: str = ""
     resources: Resources = field(default_factory=Resources)
     base: dict = field(default_factory=dict)  # run config shared by every trial
 
@@ -63,6 +66,10 @@ class Common:
         return resolve_uri(self.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
 
     @property
+    def study_storage(self) -> str:
+        return study_storage(self.optuna_storage, self.mlflow_uri)
+
+    @property
     def mlflow_experiment(self) -> str:
         return self.experiment or self.name
 
@@ -79,6 +86,24 @@ class Settings(Common):
     scheduler: Scheduler = field(default_factory=Scheduler)
     start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
     space: list[Param] = field(default_factory=list)
+
+
+def study_storage(setting: str, mlflow_uri: str) -> str:
+    """Where the Optuna study lives: any SQLAlchemy URL, or a path ending in .log for Optuna's
+    JournalStorage (the same string opens it in optuna-dashboard). By default a SQLite file beside the
+    MLflow database, else in the working directory (cluster/gpu.yaml puts it on the head's disk)."""
+    url = setting or os.environ.get("GOPC_OPTUNA_STORAGE", "")
+    if not url:
+        folder = os.path.dirname(mlflow_uri[len("sqlite:///"):]) if mlflow_uri.startswith("sqlite:///") else "."
+        url = f"sqlite:///{os.path.join(os.path.abspath(folder), 'optuna.db')}"
+    if url.endswith(".log") and "://" not in url:
+        return os.path.abspath(os.path.expanduser(url))
+    return url
+
+
+def study_file(url: str) -> str | None:
+    """The local file behind a study storage URL; None for a database server."""
+    return url[len("sqlite:///"):] if url.startswith("sqlite:///") else None if "://" in url else url
 
 
 def _merge(a: dict, b: dict) -> dict:

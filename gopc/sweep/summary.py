@@ -1,13 +1,15 @@
 """The sweep's summary, on the parent run: a table of all trials, the best config as YAML, and the
 pictures that answer "what keeps GOPC-2 finite": divergence rate and steps-to-divergence per
-stabilizer value, the optimisation history, and Optuna's parameter importances for the objective and
-for divergence."""
+stabilizer value, and Optuna's own views of the study (read from its storage): the optimisation
+history, parameter importances for the objective and for divergence, parallel coordinates, slices and
+contours."""
 from __future__ import annotations
 
 import csv
 import math
 import os
 import tempfile
+import warnings
 from collections import defaultdict
 
 import matplotlib
@@ -16,10 +18,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from optuna.visualization import matplotlib as ovm  # noqa: E402
 
 from gopc import config as C  # noqa: E402
 from gopc.evaluate import scored_line  # noqa: E402
-from gopc.sweep.searcher import COMPLETED, saved_searcher, trial_status  # noqa: E402
+from gopc.sweep.searcher import COMPLETED, open_study, trained, trial_status  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
 from gopc.sweep.tracking import finish_parent  # noqa: E402
@@ -45,8 +48,8 @@ def trial_rows(s: Settings, results) -> list[dict]:
 
 
 def load_study(s: Settings) -> optuna.Study:
-    """The searcher's Optuna study as Tune last saved it (after fit, and after a resumed fit)."""
-    return saved_searcher(s.experiment_path)._ot_study
+    """The sweep's Optuna study, from its storage (during and after the sweep)."""
+    return open_study(s.name, s.study_storage)
 
 
 def best_row(s: Settings, rows: list[dict]) -> dict | None:
@@ -103,61 +106,57 @@ def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
     return path
 
 
-def history_plot(s: Settings, rows: list[dict], path: str) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    best, xs, bests = None, [], []
-    for i, r in enumerate(rows):
-        obj = float(r["objective"]) if r["status"] != "errored" else float("nan")
-        if r["status"] == "diverged":
-            ax.scatter(i, 0, marker="x", color="tab:red", transform=ax.get_xaxis_transform(), clip_on=False)
-            continue
-        if not math.isfinite(obj):
-            continue
-        ax.scatter(i, obj, color=OUTCOMES.get(r["status"], "tab:gray"), s=18)
-        if r["status"] in COMPLETED and (best is None or (obj < best if s.mode == "min" else obj > best)):
-            best = obj
-        if best is not None:
-            xs.append(i)
-            bests.append(best)
-    ax.step(xs, bests, where="post", color="tab:green", label="best so far")
-    ax.set(xlabel="trial (in the order Tune lists them)", ylabel=s.metric,
-           title="optimisation history (x: diverged, grey: stopped early)")
-    ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
+    """Optuna's own views of the study. All but the history leave diverged trials out: their value is the
+    penalty, which would flatten every axis (Optuna leaves out NaN targets)."""
+    def objective(t):
+        return t.value if trained(t) else float("nan")
+
+    def diverged(t):
+        return t.user_attrs.get("diverged", 0.0)
+
+    fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    try:
+        top = list(optuna.importance.get_param_importances(study, evaluator=fanova, target=objective))[:3]
+    except (RuntimeError, ValueError, ZeroDivisionError):  # too few or too uniform trials
+        top = None
+    not_diverged = {"target": objective, "target_name": "objective (trials that did not diverge)"}
+    views = {"history": ("optimisation_history.png", lambda: _history(study)),
+             "importance": ("param_importances.png",
+                            lambda: ovm.plot_param_importances(study, evaluator=fanova, **not_diverged)),
+             "divergence_importance": ("divergence_importances.png", lambda: ovm.plot_param_importances(
+                 study, evaluator=fanova, target=diverged, target_name="divergence")),
+             "parallel": ("parallel_coordinate.png", lambda: ovm.plot_parallel_coordinate(study, **not_diverged)),
+             "slice": ("slice.png", lambda: ovm.plot_slice(study, **not_diverged)),
+             "contour": ("contour.png", lambda: ovm.plot_contour(study, params=top, **not_diverged))}
+    files = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental-API and degenerate-axis warnings of a small study
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # one "omitted" warning per infeasible trial
+        for key, (name, draw) in views.items():
+            try:
+                axes = draw()
+            except (RuntimeError, ValueError, ZeroDivisionError) as e:  # too few or too uniform trials
+                print(f"{name}: not drawn ({str(e)[:80]})")
+                continue
+            fig = np.ravel(axes)[0].figure
+            fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 4))
+            fig.savefig(files.setdefault(key, os.path.join(folder, name)), dpi=90, bbox_inches="tight")
+            plt.close(fig)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return files
 
 
-def importances(study: optuna.Study, s: Settings) -> dict[str, dict[str, float]]:
-    """Optuna's fANOVA importances, for the objective (feasible trials) and for divergence (all)."""
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    feasible = [t for t in done if t.user_attrs.get("diverged", 0.0) == 0.0]
-    told = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    out = {}
-    for name, trials, value in (("objective", feasible, lambda t: t.value),
-                                ("divergence", told, lambda t: t.user_attrs.get("diverged", 0.0))):
-        copy = optuna.create_study(direction="minimize")
-        for t in trials:
-            copy.add_trial(optuna.trial.create_trial(params=t.params, distributions=t.distributions, value=value(t)))
-        try:
-            out[name] = optuna.importance.get_param_importances(copy, target=None)
-        except (RuntimeError, ValueError, ZeroDivisionError) as e:  # too few or too uniform trials
-            out[name] = {"(not enough trials: " + str(e)[:60] + ")": 0.0}
-    return out
-
-
-def importance_plot(imps: dict, path: str) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (name, values) in zip(axes, imps.items()):
-        keys = list(values)[::-1]
-        ax.barh(keys, [values[k] for k in keys], color="tab:purple")
-        ax.set(title=f"importance for {name}", xlim=(0, 1))
-        ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+def _history(study: optuna.Study):
+    """Optuna's history (infeasible trials grey), its value axis fitted to the trials that did not diverge."""
+    ax = ovm.plot_optimization_history(study)
+    values = [t.value for t in study.trials if trained(t)]
+    if values:
+        pad = (max(values) - min(values)) * 0.1 or abs(values[0]) * 0.1 or 1.0
+        ax.set_ylim(min(values) - pad, max(values) + pad)
+    off = sum(t.state == optuna.trial.TrialState.COMPLETE and not trained(t) for t in study.trials)
+    ax.set_title(f"optimisation history ({off} diverged trials at the penalty, off the scale)")
+    return ax
 
 
 def summarise(s: Settings, results, parent_run_id: str) -> str | None:
@@ -176,8 +175,7 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
         writer.writeheader()
         writer.writerows(rows)
     files["outcomes"] = outcome_plot(s, rows, os.path.join(folder, "outcome_by_stabilizer.png"))
-    files["history"] = history_plot(s, rows, os.path.join(folder, "optimisation_history.png"))
-    files["importance"] = importance_plot(importances(study, s), os.path.join(folder, "param_importances.png"))
+    files.update(optuna_plots(study, folder))
     best = best_row(s, rows)
     best_path = None
     if best is not None:
