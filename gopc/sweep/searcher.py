@@ -38,7 +38,7 @@ def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStor
     """A path ending in .log is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
     path = study_file(url)
     if must_exist and path and not os.path.exists(path):  # opening it would create an empty one
-        raise GopcError(f"no Optuna study storage at {path}; pass the sweep's optuna_storage, or run from its folder")
+        raise GopcError(f"--sweep: no Optuna study storage at {path}; pass the sweep's optuna_storage, or run from its folder")
     if "://" not in url:
         from optuna.storages.journal import JournalFileBackend
         return optuna.storages.JournalStorage(JournalFileBackend(url))
