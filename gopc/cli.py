@@ -35,11 +35,14 @@ def _count(text: str) -> int:
     return n
 
 
-def _run_folder(path: str, option: str) -> str:
-    """A run folder as users name it: with ~, or its checkpoint.pt instead of the folder."""
+def _run_folder(path: str, option: str, free: bool = False) -> str:
+    """A run folder as users name it: with ~, or its checkpoint.pt instead of the folder. `free`: no
+    other run may be using it (checked first: a running run may not have written its checkpoint yet)."""
     path = os.path.expanduser(path)
     if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    if free:
+        _check_free(path, option)
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
         raise GopcError(f"{option}: {path} holds no checkpoint.pt; give a run folder written by gopc train")
     return path
@@ -75,14 +78,13 @@ def cmd_train(args) -> int:
             if getattr(args, option) is not None:
                 raise GopcError(f"--{option}: cannot be combined with --resume, which continues the run folder "
                                 f"with its own config.yaml; drop --{option} (change values with --set)")
-        folder = _run_folder(args.resume, "--resume")
+        folder = _run_folder(args.resume, "--resume", free=True)
         resume_from, saved = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "config.yaml")
         cfg = C.load(saved, args.set, field="--resume")
         done = C.load(saved, field="--resume").train.steps
         if os.path.isfile(os.path.join(folder, "eval", "metrics.json")) and cfg.train.steps <= done:
             raise GopcError(f"--resume: {folder} completed its {done} steps; to train on, raise train.steps, "
                             f"e.g. --set train.steps={2 * done}")
-        _check_free(folder, "--resume")
         id_file = os.path.join(folder, "mlflow_run_id")
         run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
         run_dirs = {cfg.train.seed: folder}
