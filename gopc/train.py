@@ -85,8 +85,8 @@ def load_checkpoint(path: str, model, cfg: C.Config, field: str = "--resume") ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a pickle of anything else
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise GopcError(f"{field}: {path} is not a readable gopc checkpoint ({reason}); "
+        # torch's own messages run to paragraphs; the exception's name is enough to tell them apart
+        raise GopcError(f"{field}: {path} is not a readable gopc checkpoint ({type(e).__name__}); "
                         f"it is damaged or not written by gopc train") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise GopcError(f"{field}: {path} is not a gopc checkpoint (it lacks the model, optimizer and step); "
@@ -94,8 +94,8 @@ def load_checkpoint(path: str, model, cfg: C.Config, field: str = "--resume") ->
     saved = (state["config"] or {}).get("model", {}) if isinstance(state["config"], dict) else {}
     for key, value in dataclasses.asdict(cfg.model).items():
         if key in saved and saved[key] != value:
-            raise GopcError(f"model.{key}: {path} holds a model with model.{key}={saved[key]!r}, but the config "
-                            f"says {value!r}; drop that --set, or give the run folder the checkpoint came from")
+            raise GopcError(f"model.{key}: {path} holds a model with model.{key}={saved[key]!r}, but the run's "
+                            f"config asks for {value!r}; use the config the checkpoint was trained with")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
