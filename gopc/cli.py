@@ -152,7 +152,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from gopc.sweep.export import export_best
     from gopc.tracking import check_tracking, resolve_uri
 
     uri = resolve_uri(args.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
@@ -162,6 +161,7 @@ def cmd_best(args) -> int:
                         f"run from the sweep's folder or pass --tracking-uri")
     check_tracking(uri, "--tracking-uri")
     C.check_creatable(os.path.expanduser(args.output), "--output")
+    from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
     for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment):
         print(path)
     return 0

@@ -24,6 +24,8 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -690,3 +692,24 @@ def test_bad_input_gets_one_line_naming_the_field_and_leaves_nothing(row, tmp_pa
         assert out.lines == 1, out
     for fragment in row.expect:
         assert fragment in out.message, (fragment, out.message)
+
+
+def test_a_silent_tracking_server_costs_seconds_not_minutes(tmp_path):
+    """The hang rows again, each in a fresh process: the bound on MLflow's wait must come from gopc's own
+    modules, whatever imported MLflow first. MLflow's defaults (a 120 s timeout, retried) would wait for
+    minutes; gopc asks /health for 3 s, then MLflow with no retry and a 5 s timeout. The 60 s limit only
+    tells a bounded wait from an unbounded one (measured: about 5 s, imports included)."""
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
+    commands = [["train", "--config", "run.yaml", "--quiet", "--set", f"mlflow.tracking_uri={SILENT_URI}"],
+                ["best", "--sweep", "s", "--tracking-uri", SILENT_URI]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "GOPC_TRACKING_URI"):
+        env.pop(var, None)
+    procs = [subprocess.Popen([sys.executable, "-m", "gopc.cli", *argv], cwd=tmp_path, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for argv in commands]
+    for proc, field in zip(procs, ("mlflow.tracking_uri", "--tracking-uri")):
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2 and not out, (out, err)
+        assert err.strip().splitlines() == [f"gopc: error: {field}: MLflow at {SILENT_URI} does not answer "
+                                            f"(TimeoutError); start the server, or set {field} to a reachable one"]
+    assert sorted(os.listdir(tmp_path)) == ["run.yaml"]
