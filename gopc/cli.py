@@ -42,23 +42,18 @@ def _run_folder(path: str, option: str, free: bool = False) -> str:
     if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
         path = os.path.dirname(path) or "."
     if free:
-        _check_free(path, option)
+        from gopc.train import check_free
+        check_free(path, option)
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
         raise GopcError(f"{option}: {path} holds no checkpoint.pt; give a run folder written by gopc train")
     return path
 
 
-def _check_free(run_dir: str, option: str) -> None:
-    from gopc.train import folder_in_use
-    if (pid := folder_in_use(run_dir)) is not None:
-        raise GopcError(f"{option}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
-                        f"or choose another folder")
-
-
 def _check_new_run_folder(run_dir: str, option: str) -> None:
     """A new run never lands on an existing one: its checkpoint, config and evaluation would be replaced."""
+    from gopc.train import check_free
     C.check_creatable(run_dir, option)
-    _check_free(run_dir, option)
+    check_free(run_dir, option)
     if os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
         raise GopcError(f"{option}: {run_dir} already holds a run; choose a new folder, or continue that run "
                         f"with gopc train --resume {run_dir}")

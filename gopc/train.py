@@ -119,17 +119,22 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
 LOCK_FILE = ".lock"
 
 
-def folder_in_use(run_dir: str) -> int | None:
-    """The pid of the run that holds this run folder's lock, or None (nothing written to check)."""
+def _in_use(run_dir: str, fd: int, field: str) -> GopcError:
+    pid = os.pread(fd, 32, 0).decode().strip() or "?"
+    return GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
+                     f"or choose another folder")
+
+
+def check_free(run_dir: str, field: str) -> None:
+    """Refuse a run folder that a running run holds, writing nothing (`locked` is what takes it)."""
     try:
         fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY)
-    except OSError:
-        return None
+    except OSError:  # no lock file: no run has used the folder
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
     except BlockingIOError:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        raise _in_use(run_dir, fd, field) from None
     finally:
         os.close(fd)  # closing releases a lock taken here
 
@@ -143,9 +148,7 @@ def locked(run_dir: str, field: str = "run folder"):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode().strip() or "?"
-            raise GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
-                            f"or choose another folder") from None
+            raise _in_use(run_dir, fd, field) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -227,8 +230,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
         except (ValueError, KeyError, TypeError) as e:
-            raise GopcError(f"--resume: {resume_from} holds an optimizer state that does not fit this model ({e}); "
-                            f"give the run folder the checkpoint came from") from None
+            raise GopcError(f"--resume: {resume_from} holds an optimizer state that does not fit this model "
+                            f"({type(e).__name__}); give the run folder the checkpoint came from") from None
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
