@@ -294,7 +294,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
                 ckpt_step = step + 1
             if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
-                metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),  # log steps only
+                # .item() syncs: on log steps only
+                metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
                            "beta": beta, "lr": sched.get_last_lr()[0],
                            "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
                 bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")

@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import mlflow
-import pytest
 import torch
 import yaml
 
