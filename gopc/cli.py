@@ -35,27 +35,25 @@ def _count(text: str) -> int:
     return n
 
 
-def _run_folder(path: str, option: str) -> str:
-    """A run folder as users name it: with ~, or its checkpoint.pt instead of the folder."""
+def _run_folder(path: str, option: str, free: bool = False) -> str:
+    """A run folder as users name it: with ~, or its checkpoint.pt instead of the folder. `free`: no
+    other run may be using it (checked first: a running run may not have written its checkpoint yet)."""
     path = os.path.expanduser(path)
     if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    if free:
+        from gopc.train import check_free
+        check_free(path, option)
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
         raise GopcError(f"{option}: {path} holds no checkpoint.pt; give a run folder written by gopc train")
     return path
 
 
-def _check_free(run_dir: str, option: str) -> None:
-    from gopc.train import folder_in_use
-    if (pid := folder_in_use(run_dir)) is not None:
-        raise GopcError(f"{option}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
-                        f"or choose another folder")
-
-
 def _check_new_run_folder(run_dir: str, option: str) -> None:
     """A new run never lands on an existing one: its checkpoint, config and evaluation would be replaced."""
+    from gopc.train import check_free
     C.check_creatable(run_dir, option)
-    _check_free(run_dir, option)
+    check_free(run_dir, option)
     if os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
         raise GopcError(f"{option}: {run_dir} already holds a run; choose a new folder, or continue that run "
                         f"with gopc train --resume {run_dir}")
@@ -75,14 +73,13 @@ def cmd_train(args) -> int:
             if getattr(args, option) is not None:
                 raise GopcError(f"--{option}: cannot be combined with --resume, which continues the run folder "
                                 f"with its own config.yaml; drop --{option} (change values with --set)")
-        folder = _run_folder(args.resume, "--resume")
+        folder = _run_folder(args.resume, "--resume", free=True)
         resume_from, saved = os.path.join(folder, "checkpoint.pt"), os.path.join(folder, "config.yaml")
         cfg = C.load(saved, args.set, field="--resume")
         done = C.load(saved, field="--resume").train.steps
         if os.path.isfile(os.path.join(folder, "eval", "metrics.json")) and cfg.train.steps <= done:
             raise GopcError(f"--resume: {folder} completed its {done} steps; to train on, raise train.steps, "
                             f"e.g. --set train.steps={2 * done}")
-        _check_free(folder, "--resume")
         id_file = os.path.join(folder, "mlflow_run_id")
         run_id = open(id_file).read().strip() if os.path.exists(id_file) else None
         run_dirs = {cfg.train.seed: folder}
@@ -152,7 +149,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from gopc.sweep.export import export_best
     from gopc.tracking import check_tracking, resolve_uri
 
     uri = resolve_uri(args.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
@@ -162,6 +158,7 @@ def cmd_best(args) -> int:
                         f"run from the sweep's folder or pass --tracking-uri")
     check_tracking(uri, "--tracking-uri")
     C.check_creatable(os.path.expanduser(args.output), "--output")
+    from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
     for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment):
         print(path)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import urllib.error
+import urllib.request
 
 from gopc.config import Config, dump, redact
 from gopc.errors import ConfigError
@@ -54,6 +56,9 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
                               f"point {field} elsewhere")
     elif not uri.startswith(("http://", "https://")):
         return  # databases and Databricks: MLflow's own errors; nothing here can check them without writing
+    elif (reason := _silent(uri)) is not None:
+        raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({reason}); start the server, "
+                          f"or set {field} to a reachable one")
     import mlflow
     try:
         client = mlflow.MlflowClient(uri)
@@ -67,6 +72,18 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
                               f"mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow") from None
         raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
                           f"server, or set {field} to a reachable one") from None
+
+
+def _silent(uri: str, timeout: float = 3.0) -> str | None:
+    """The quick look before MLflow's own (bounded, but 5 s a request): why nothing answers at the
+    server's /health within `timeout`, or None if something does, even with an HTTP error."""
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as e:
+        return type(getattr(e, "reason", e)).__name__
+    return None
 
 
 def run_uri(cfg: Config, run_dir: str | None = None) -> str:

@@ -86,8 +86,8 @@ def load_checkpoint(path: str, model, cfg: C.Config, field: str = "--resume") ->
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a pickle of anything else
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
-        raise GopcError(f"{field}: {path} is not a readable gopc checkpoint ({reason}); "
+        # torch's own messages run to paragraphs; the exception's name is enough to tell them apart
+        raise GopcError(f"{field}: {path} is not a readable gopc checkpoint ({type(e).__name__}); "
                         f"it is damaged or not written by gopc train") from None
     if not isinstance(state, dict) or not CHECKPOINT_KEYS <= state.keys():
         raise GopcError(f"{field}: {path} is not a gopc checkpoint (it lacks the model, optimizer and step); "
@@ -95,8 +95,8 @@ def load_checkpoint(path: str, model, cfg: C.Config, field: str = "--resume") ->
     saved = (state["config"] or {}).get("model", {}) if isinstance(state["config"], dict) else {}
     for key, value in dataclasses.asdict(cfg.model).items():
         if key in saved and saved[key] != value:
-            raise GopcError(f"model.{key}: {path} holds a model with model.{key}={saved[key]!r}, but the config "
-                            f"says {value!r}; drop that --set, or give the run folder the checkpoint came from")
+            raise GopcError(f"model.{key}: {path} holds a model with model.{key}={saved[key]!r}, but the run's "
+                            f"config asks for {value!r}; use the config the checkpoint was trained with")
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as e:
@@ -120,17 +120,22 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
 LOCK_FILE = ".lock"
 
 
-def folder_in_use(run_dir: str) -> int | None:
-    """The pid of the run that holds this run folder's lock, or None (nothing written to check)."""
+def _in_use(run_dir: str, fd: int, field: str) -> GopcError:
+    pid = os.pread(fd, 32, 0).decode().strip() or "?"
+    return GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
+                     f"or choose another folder")
+
+
+def check_free(run_dir: str, field: str) -> None:
+    """Refuse a run folder that a running run holds, writing nothing (`locked` is what takes it)."""
     try:
         fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY)
-    except OSError:
-        return None
+    except OSError:  # no lock file: no run has used the folder
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
     except BlockingIOError:
-        return int(os.pread(fd, 32, 0).decode().strip() or 0)
+        raise _in_use(run_dir, fd, field) from None
     finally:
         os.close(fd)  # closing releases a lock taken here
 
@@ -144,9 +149,7 @@ def locked(run_dir: str, field: str = "run folder"):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode().strip() or "?"
-            raise GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
-                            f"or choose another folder") from None
+            raise _in_use(run_dir, fd, field) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -228,8 +231,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             opt.load_state_dict(state["opt"])
             sched.load_state_dict(state["sched"])
         except (ValueError, KeyError, TypeError) as e:
-            raise GopcError(f"--resume: {resume_from} holds an optimizer state that does not fit this model ({e}); "
-                            f"give the run folder the checkpoint came from") from None
+            raise GopcError(f"--resume: {resume_from} holds an optimizer state that does not fit this model "
+                            f"({type(e).__name__}); give the run folder the checkpoint came from") from None
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -292,7 +295,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
                 ckpt_step = step + 1
             if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
-                metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),  # log steps only
+                # .item() syncs: on log steps only
+                metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
                            "beta": beta, "lr": sched.get_last_lr()[0],
                            "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
                 bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")

@@ -146,3 +146,29 @@ def test_missing_mnist_files_in_an_existing_folder_are_refused_before_writing(tm
     assert main(["train", "--config", cfg_path, "--set", f"data.source={tmp_path}/mnist", "--out", "r"]) == 2
     assert "data.source" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_from_another_folder_continues_the_same_mlflow_run(tmp_path, monkeypatch):
+    """The default tracking URI (./mlflow.db) is where the run started, not where --resume is typed;
+    the run folder may also be named by its checkpoint.pt."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    cfg_path = write_yaml(tmp_path / "run.yaml", TINY)
+    short = ["--set", "data.n_train=64", "--set", "train.log_every=5", "--set", "train.ckpt_every=5"]
+    assert main(["train", "--config", cfg_path, "--out", "r", "--quiet", "--set", "train.steps=10", *short]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    assert main(["train", "--resume", "../a/r/checkpoint.pt", "--quiet", "--set", "train.steps=20"]) == 0
+    assert os.listdir(tmp_path / "b") == []  # no second database, no run folder here
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("gopc").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 5, 10, 15, 20]
+    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+
+
+def test_yaml_merge_keys_still_override(tmp_path):
+    """The loader that refuses a key written twice still lets a `<<: *anchor` merge be overridden."""
+    path = tmp_path / "run.yaml"
+    path.write_text("x: &base {lr: 0.01, steps: 5}\ntrain:\n  <<: *base\n  steps: 7\n")
+    assert C.load_yaml(str(path))["train"] == {"lr": 0.01, "steps": 7}
