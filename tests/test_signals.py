@@ -102,7 +102,7 @@ def test_sigint_then_sigterm_mid_run_resume_onto_the_uninterrupted_curve(tmp_pat
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     run = run_of(client, cut)
-    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert run.info.status == "FINISHED" and run.data.tags["status"] in ("learned", "collapsed")
 
     full = run_of(client, tmp_path / "full")
     for key in run.data.metrics:  # every metric: each step once
