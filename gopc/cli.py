@@ -159,7 +159,8 @@ def cmd_best(args) -> int:
     check_tracking(uri, "--tracking-uri")
     C.check_creatable(os.path.expanduser(args.output), "--output")
     from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
-    for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment):
+    for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment,
+                            args.optuna_storage):
         print(path)
     return 0
 
@@ -201,6 +202,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--top", type=_count, default=3)
     b.add_argument("-o", "--output", default="best", help="folder for best-1.yaml, best-2.yaml, ...")
     b.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: sqlite mlflow.db here)")
+    b.add_argument("--optuna-storage", default="", help="the sweep's Optuna study storage (default: "
+                   "$GOPC_OPTUNA_STORAGE, else optuna.db beside the MLflow database, else here)")
     b.add_argument("--experiment", default="", help="MLflow experiment (default: the sweep name)")
     b.set_defaults(func=cmd_best)
     c = sub.add_parser("check-cluster", help="validate a Ray cluster launcher YAML offline, as `ray up` would")

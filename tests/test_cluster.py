@@ -190,7 +190,7 @@ def test_local_cluster_up_submit_sweep_down(tmp_path):
                                "--set", "num_samples=3")
         assert sweep.returncode == 0, sweep.stdout[-6000:]
         assert "best config:" in sweep.stdout and "MLflow UI:" in sweep.stdout
-        check_sweep_in_mlflow_and_train_its_best(cluster.tracking_uri, tmp_path)
+        check_sweep_in_mlflow_and_train_its_best(cluster.tracking_uri, f"sqlite:///{cluster.node_home}/mlflow/optuna.db", tmp_path)
         submit_s = time.monotonic() - t0 - up_s
     total = time.monotonic() - t0
     print(f"\nlocal cluster: up {up_s:.1f}s, submits {submit_s:.1f}s, "
@@ -201,7 +201,7 @@ def test_local_cluster_up_submit_sweep_down(tmp_path):
                 and address_file.read_text().strip().endswith(f":{cluster.ray_port}"))
 
 
-def check_sweep_in_mlflow_and_train_its_best(uri: str, tmp_path: Path) -> None:
+def check_sweep_in_mlflow_and_train_its_best(uri: str, study_storage: str, tmp_path: Path) -> None:
     import mlflow
 
     from gopc.cli import main as gopc_main
@@ -214,7 +214,8 @@ def check_sweep_in_mlflow_and_train_its_best(uri: str, tmp_path: Path) -> None:
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert {a.path for a in client.list_artifacts(parents[0].info.run_id)} >= {"trials.csv", "best_config.yaml"}
     out = tmp_path / "best"
-    assert gopc_main(["best", "--sweep", "gopc2_stability", "--tracking-uri", uri, "-o", str(out)]) == 0
+    assert gopc_main(["best", "--sweep", "gopc2_stability", "--tracking-uri", uri, "--optuna-storage", study_storage,
+                      "-o", str(out)]) == 0
     assert gopc_main(["train", "--config", str(out / "best-1.yaml"), "--no-mlflow", "--quiet",
                       "--out", str(tmp_path / "final")]) == 0
     assert (tmp_path / "final" / "checkpoint.pt").exists()
