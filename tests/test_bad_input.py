@@ -488,7 +488,7 @@ ROWS = [
     Row("cli-best-no-mlflow", "`gopc best` in a folder without mlflow.db", gopc("best", "--sweep", "nosuch"),
         ("--sweep", "no MLflow database")),
     Row("cli-best-unknown-sweep", "`gopc best --sweep nosuch` next to an mlflow.db that lacks it",
-        gopc("best", "--sweep", "nosuch", setup=mlflow_db_without_the_sweep), ("--sweep", "no Optuna study storage at")),
+        gopc("best", "--sweep", "nosuch", setup=mlflow_db_without_the_sweep), ("--sweep", "no sweep named 'nosuch'")),
     Row("cli-sweep-resume-nothing", "sweep --resume in a folder that holds no sweep",
         sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume"),
         ("--resume", "no sweep at", "without --resume")),

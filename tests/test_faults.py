@@ -314,14 +314,21 @@ def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp
     assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     state_file = next(experiment.glob("experiment_state-*.json"))
-    trials = load_trials(str(state_file))
+    trials = load_trials(state_file.read_bytes())
     for t in trials:
         t.status = Trial.PENDING  # as in the first snapshot, written when the trials were created
     state_file.write_text(json.dumps({"trial_data": [list(t.get_json_state()) for t in trials], "runner_data": {}}))
     for f in [*experiment.glob("search_gen_state-*"), *experiment.glob("searcher-state-*")]:
         f.unlink()
+    storage = f"sqlite:///{tmp_path}/optuna.db"  # the study as it was then: both trials asked, none told
+    optuna.delete_study(study_name="gopc2_stability", storage=storage)
+    then = optuna.create_study(study_name="gopc2_stability", storage=storage)
+    for t in trials:
+        then.ask().set_user_attr("tune_trial_id", t.trial_id)
     resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "starting it over" in resumed.stderr
     analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
     assert not {t.trial_id for t in trials} & {t.trial_id for t in analysis.trials}
+    study = optuna.load_study(study_name="gopc2_stability", storage=storage)  # started over, too
+    assert sorted(t.user_attrs["tune_trial_id"] for t in study.trials) == sorted(t.trial_id for t in analysis.trials)

@@ -11,7 +11,7 @@ import yaml
 from gopc import config as C
 from gopc.errors import GopcError
 from gopc.evaluate import scored_line
-from gopc.sweep.searcher import COMPLETED, ORPHANS, TUNE_ID, open_study
+from gopc.sweep.searcher import COMPLETED, TUNE_ID, open_study
 from gopc.sweep.settings import study_storage
 from gopc.sweep.tracking import find_parent
 from gopc.tracking import resolve_uri
@@ -28,28 +28,25 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
         raise GopcError(f"--top: {top} must be at least 1")
     uri = resolve_uri(tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
     study = open_study(sweep, study_storage(optuna_storage, uri))
-    lost = set(study.user_attrs.get(ORPHANS, []))  # rerun after a kill, their MLflow runs deleted
-    best = []
-    for status in COMPLETED:
-        best += sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
-                        and t.user_attrs.get("status") == status and t.number not in lost), key=lambda t: t.value,
-                       reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
-    best = best[:top]
-    if not best:
-        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment or sweep)
     parent = find_parent(client, exp.experiment_id, sweep) if exp else None
     if parent is None:
         raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
+    ranked = []
+    for status in COMPLETED:  # learned trials first, collapsed ones only to fill up
+        ranked += sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+                          and t.user_attrs.get("status") == status), key=lambda t: t.value,
+                         reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
     runs = []
-    for t in best:
-        found = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                   f"and tags.trial_id = '{t.user_attrs[TUNE_ID]}'", max_results=1)
-        if not found:
-            raise GopcError(f"--sweep: trial {t.user_attrs[TUNE_ID]} of {sweep!r} has no MLflow run yet; "
-                            "its writes may still be queued: run the sweep with --resume to log them")
-        runs.append(found[0])
+    for t in ranked:
+        # a trial without a run was lost by a kill and run again (its run deleted), or its writes are queued
+        runs += client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
+                                   f"and tags.trial_id = '{t.user_attrs[TUNE_ID]}'")
+        if len(runs) == top:
+            break
+    if not runs:
+        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
     configs = []
     for run in runs:  # check every config before writing any file
         with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:

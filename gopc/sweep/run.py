@@ -142,10 +142,9 @@ def make_searcher(s: S.Settings, start_points: list):
 def check_new_study(s: S.Settings) -> None:
     """A new sweep must not add its trials to an older study of the same name."""
     from gopc.sweep.searcher import open_storage
-    if any(st.study_name == s.name for st in open_storage(s.study_storage).get_all_studies()):
-        raise GopcError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}; pass --resume to "
-                        f"continue it, --set name=NEW to start another, or remove it: optuna delete-study "
-                        f"--study-name {s.name} --storage {s.study_storage}")
+    if s.name in {st.study_name for st in open_storage(s.study_storage).get_all_studies()}:
+        raise GopcError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}; pass --resume "
+                        f"to continue it, or --set name=NEW to start another")
 
 
 def sweep_setup(s: S.Settings):

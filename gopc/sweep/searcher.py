@@ -34,23 +34,22 @@ TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
 ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a kill lost (see recovery.py)
 
 
-def open_storage(url: str, must_exist: bool = False) -> optuna.storages.BaseStorage:
-    """A path ending in .log is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
-    path = study_file(url)
-    if must_exist and path and not os.path.exists(path):  # opening it would create an empty one
-        raise GopcError(f"--sweep: no Optuna study storage at {path}; pass the sweep's optuna_storage, or run from its folder")
-    if "://" not in url:
-        from optuna.storages.journal import JournalFileBackend
-        return optuna.storages.JournalStorage(JournalFileBackend(url))
-    return optuna.storages.RDBStorage(url)
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
 
 
 def open_study(name: str, url: str) -> optuna.Study:
-    """A sweep's study, read from its storage (never created)."""
+    """A sweep's study, read from its storage (never created: a missing file is not made empty)."""
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(url, must_exist=True))
+        if (path := study_file(url)) and not os.path.exists(path):
+            raise KeyError(path)
+        return optuna.load_study(study_name=name, storage=open_storage(url))
     except KeyError:
-        raise GopcError(f"no Optuna study named {name!r} in {url}; check the sweep name or optuna_storage") from None
+        raise GopcError(f"--sweep: no sweep named {name!r} (no Optuna study named {name!r} in {url}); "
+                        "check the sweep name, or pass its storage (--optuna-storage, optuna_storage)") from None
 
 
 COMPLETED = ("learned", "collapsed")  # the statuses of a trial that trained to the end

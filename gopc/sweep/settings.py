@@ -92,13 +92,8 @@ def study_storage(setting: str, mlflow_uri: str) -> str:
     """Where the Optuna study lives: any SQLAlchemy URL, or a path ending in .log for Optuna's
     JournalStorage (the same string opens it in optuna-dashboard). By default a SQLite file beside the
     MLflow database, else in the working directory (cluster/gpu.yaml puts it on the head's disk)."""
-    url = setting or os.environ.get("GOPC_OPTUNA_STORAGE", "")
-    if not url:
-        folder = os.path.dirname(mlflow_uri[len("sqlite:///"):]) if mlflow_uri.startswith("sqlite:///") else "."
-        url = f"sqlite:///{os.path.join(os.path.abspath(folder), 'optuna.db')}"
-    if url.endswith(".log") and "://" not in url:
-        return os.path.abspath(os.path.expanduser(url))
-    return url
+    folder = os.path.dirname(mlflow_uri[len("sqlite:///"):]) if mlflow_uri.startswith("sqlite:///") else "."
+    return setting or os.environ.get("GOPC_OPTUNA_STORAGE") or f"sqlite:///{os.path.abspath(folder)}/optuna.db"
 
 
 def study_file(url: str) -> str | None:

@@ -140,7 +140,6 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
                 print(f"{name}: not drawn ({str(e)[:80]})")
                 continue
             fig = np.ravel(axes)[0].figure
-            fig.set_size_inches(max(fig.get_size_inches()[0], 7), max(fig.get_size_inches()[1], 4))
             fig.savefig(files.setdefault(key, os.path.join(folder, name)), dpi=90, bbox_inches="tight")
             plt.close(fig)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -150,8 +149,7 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
 def _history(study: optuna.Study):
     """Optuna's history (infeasible trials grey), its value axis fitted to the trials that did not diverge."""
     ax = ovm.plot_optimization_history(study)
-    values = [t.value for t in study.trials if trained(t)]
-    if values:
+    if values := [t.value for t in study.trials if trained(t)]:
         pad = (max(values) - min(values)) * 0.1 or abs(values[0]) * 0.1 or 1.0
         ax.set_ylim(min(values) - pad, max(values) + pad)
     off = sum(t.state == optuna.trial.TrialState.COMPLETE and not trained(t) for t in study.trials)

@@ -194,15 +194,13 @@ class SweepTracker(tune.Callback):
 
 
 def load_pending(path: str) -> list:
-    if path and os.path.exists(path):
+    if os.path.exists(path):
         with open(path, "rb") as f:
             return pickle.load(f)
     return []
 
 
 def save_pending(path: str, pending: list) -> None:
-    if not path or "://" in path:
-        return
     if not pending:
         if os.path.exists(path):
             os.remove(path)
