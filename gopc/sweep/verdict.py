@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -82,11 +83,11 @@ def collect(s, results) -> dict[str, list[dict]]:
 
 
 def build(s, runs: dict[str, list[dict]]) -> dict:
-    margin = C.from_dict(s.base).train.learned_margin
     arms = {}
     for name, seeds in runs.items():
         alive = [x for x in seeds if x["test"]]
-        outcomes = [outcome(x["test"], C.from_dict(s.arm_configs[name]).train.learned_margin) for x in alive]
+        margin = C.from_dict(s.arm_configs[name]).train.learned_margin
+        outcomes = [outcome(x["test"], margin) for x in alive]
         learned = outcomes.count("learned")
         arms[name] = {
             "model": s.arm_configs[name]["model"]["kind"], "seeds": [x["seed"] for x in seeds],
@@ -104,7 +105,8 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
                 for metric in METRICS:
                     d = difference(*([x["test"][metric] for x in runs[n] if x["test"]] for n in (a, b)))
                     pairs.append({"a": a, "b": b, "metric": metric, "diff": d, "word": word(metric, d)})
-    return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": LEVEL, "margin": margin,
+    return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": LEVEL,
+            "margin": C.from_dict(s.base).train.learned_margin,
             "seeds": s.seeds, "arms": arms, "pairs": pairs}
 
 
@@ -232,7 +234,6 @@ def report(v: dict, command: str) -> str:
 
 
 def write_verdict(s, results, parent: str) -> list[str]:
-    import sys
     runs = collect(s, results)
     v = build(s, runs)
     local = "://" not in s.experiment_path
