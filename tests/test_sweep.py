@@ -135,7 +135,8 @@ def test_searcher_steers_away_from_the_region_that_diverges():
         x = config["stab.inner_lr_h"]
         picks.append(x > 0.5)
         result = ({"objective": 1e6, "diverged": 1.0, "step": 3} if x > 0.5
-                  else {"objective": 0.05 + abs(x - 0.25), "diverged": 0.0, "step": 100})
+                  else {"objective": 0.05 + abs(x - 0.25), "diverged": 0.0, "step": 100,  # as a trial that learned
+                        "learned": 1.0, "val/prior/skill_mse": 0.3})
         searcher.on_trial_complete(f"t{i}", result)
     trials = searcher._ot_study.trials
     diverged = [t for t in trials if t.user_attrs["diverged"]]

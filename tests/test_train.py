@@ -164,7 +164,7 @@ def test_resume_from_another_folder_continues_the_same_mlflow_run(tmp_path, monk
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/a/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("gopc").experiment_id])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 5, 10, 15, 20]
-    assert run.info.status == "FINISHED" and run.data.tags["status"] == "completed"
+    assert run.info.status == "FINISHED" and run.data.tags["status"] in ("learned", "collapsed")
 
 
 def test_yaml_merge_keys_still_override(tmp_path):
