@@ -108,6 +108,7 @@ class TrackingConfig:
     tracking_uri: str = ""  # "" = sqlite file mlflow.db in the working directory
     experiment: str = "gopc"
     run_name: str = ""
+    register_as: str = ""  # a registered-model name: the finished model becomes its next version
 
 
 @dataclass
@@ -256,6 +257,9 @@ def validate(cfg: Config) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: {t.device!r} is not auto, cpu, cuda or cuda:N")
     parse_inject(t.inject)
+    if any(c in cfg.mlflow.register_as for c in "/:") or cfg.mlflow.register_as != cfg.mlflow.register_as.strip():
+        raise ConfigError(f"mlflow.register_as: {cfg.mlflow.register_as!r} is not a model name MLflow takes "
+                          "(no '/', ':' or edge spaces); use e.g. gopc2-stable")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         hooks.started(cfg, run_dir, n_params(model))
         fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
         result = Result("completed", start, run_dir=run_dir)
+        last_finite: dict = {}
 
         bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,
                    desc=f"{cfg.model.kind} train", unit="step", dynamic_ncols=True)
@@ -282,6 +283,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 with open(os.path.join(run_dir, "divergence.json"), "w") as f:
                     json.dump(record.to_dict(), f, indent=1)
                 bar.close()
+                if last_finite:  # the blow-up's approach: the loss and norms of the last finite step
+                    hooks.metrics(step, last_finite, None)
                 hooks.diverged(record, run_dir)
                 hooks.finished(result)
                 return result
@@ -289,6 +292,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             sched.step()
             result.step = step + 1
             result.losses.append(stats.pop("loss"))
+            last_finite = {"loss": result.losses[-1], **stats}
 
             saved = None
             if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # System packages the cluster test (tests/test_cluster.py) needs: an sshd it can run as a
-# child on 127.0.0.1, rsync (Ray's file_mounts) and nc (the ssh ProxyCommand).
+# child on 127.0.0.1, rsync (Ray's file_mounts) and nc (the ssh ProxyCommand); and the browser that
+# tests/test_mlflow_ui.py opens the MLflow UI in: Debian's chromium, driven by Playwright.
 # Idempotent: installs only what is missing. Debian/Ubuntu; run as root (or via sudo).
 set -euo pipefail
 
@@ -9,6 +10,7 @@ command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need+=(openssh-serve
 command -v ssh >/dev/null 2>&1 && command -v ssh-keygen >/dev/null 2>&1 || need+=(openssh-client)
 command -v rsync >/dev/null 2>&1 || need+=(rsync)
 command -v nc >/dev/null 2>&1 || need+=(netcat-openbsd)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
     echo "ci_system_deps: all present"

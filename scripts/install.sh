@@ -13,4 +13,6 @@ fi
 if ! command -v nvidia-smi >/dev/null 2>&1 && ! "$py" -c "import torch" 2>/dev/null; then
     "$py" -m pip install -q "torch==2.13.0"
 fi
-"$py" -m pip install -q -e ".[test]"
+extras="test"
+command -v nvidia-smi >/dev/null 2>&1 && extras="test,gpu"
+"$py" -m pip install -q -e ".[$extras]"

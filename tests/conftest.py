@@ -33,3 +33,29 @@ def nothing_left_behind():
         time.sleep(1)
     assert not left, f"processes left behind: {left}"
     assert had_address_file or not os.path.exists(ADDRESS_FILE), f"stale {ADDRESS_FILE} left behind"
+
+
+SWEEP_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "gopc2_stability.yaml")
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """One small local sweep (6 trials; trial 0 is the naive baseline), shared by the sweep's assertions
+    (test_sweep.py) and the browser's (test_mlflow_ui.py)."""
+    import mlflow
+    import ray
+
+    from gopc.sweep import settings as S
+    from gopc.sweep.run import main as sweep_main
+    folder = tmp_path_factory.mktemp("sweep")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        code = sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--set", "num_samples=6"])
+    finally:
+        os.chdir(cwd)
+        ray.shutdown()
+    assert code == 0
+    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
+    settings = S.load(SWEEP_YAML, "smoke", ["num_samples=6", f"storage={folder}/sweep_results"])
+    return folder, settings, mlflow.MlflowClient()

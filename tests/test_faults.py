@@ -55,7 +55,7 @@ def assert_each_trial_once(folder, uri, n):
     assert len(parents) == 1 and len(runs) == n and len({r.data.tags["trial_id"] for r in runs}) == n
     assert all(r.data.tags["status"] in TERMINAL for r in runs)
     for r in runs:  # resumed from checkpoints, not restarted: no iteration logged twice
-        steps = [m.step for m in client.get_metric_history(r.info.run_id, "objective")]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "diverged")]
         assert len(steps) == len(set(steps)), (r.info.run_name, steps)
     return analysis, client, runs, parents
 
@@ -110,7 +110,7 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     def reports() -> int:  # results the driver has processed (its tracker logs each one at once)
         try:
             with sqlite3.connect(tmp_path / "mlflow.db", timeout=1) as con:
-                return con.execute("select count(*) from metrics where key = 'objective'").fetchone()[0]
+                return con.execute("select count(*) from metrics where key = 'diverged'").fetchone()[0]
         except sqlite3.Error:
             return 0
 
@@ -236,7 +236,7 @@ def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
         analysis, client, runs, parents = assert_each_trial_once(tmp_path, server.uri, 3)
         seen = {df["trial_id"].iloc[0]: len(df) for df in analysis.trial_dataframes.values()}
         for r in runs:  # every iteration Tune saw is in MLflow
-            logged = client.get_metric_history(r.info.run_id, "objective")
+            logged = client.get_metric_history(r.info.run_id, "diverged")
             assert len(logged) == seen[r.data.tags["trial_id"]], r.info.run_name
         assert not (tmp_path / "mlflow_pending-gopc2_stability.pkl").exists()  # beside optuna.db, drained
     finally:

@@ -68,7 +68,7 @@ def wait_for(predicate, proc, what):
 def reports(folder) -> int:
     try:
         with sqlite3.connect(folder / "mlflow.db", timeout=1) as con:
-            return con.execute("select count(*) from metrics where key = 'objective'").fetchone()[0]
+            return con.execute("select count(*) from metrics where key = 'diverged'").fetchone()[0]
     except sqlite3.Error:
         return 0
 
@@ -118,7 +118,7 @@ def test_a_sweep_on_s3_killed_and_resumed_finishes_every_trial_once(s3, tmp_path
     assert (tmp_path / "best" / "gopc2_stability.yaml").exists()
     assert gopc_main(["best", "--sweep", "gopc2_stability", "--top", "2", "-o", str(tmp_path / "exported")]) == 0
     best = (tmp_path / "exported" / "best-1.yaml").read_text()
-    assert f"objective {min(t.value for t in told if t.state == optuna.trial.TrialState.COMPLETE)}" in best
+    assert f"prior/mse {min(t.value for t in told if t.state == optuna.trial.TrialState.COMPLETE)}" in best
 
     # a new sweep of the same name elsewhere must not add its trials to this study
     other = subprocess.run(ARGS + ["--set", f"storage=s3://{BUCKET}/elsewhere"], cwd=tmp_path, capture_output=True,

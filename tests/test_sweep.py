@@ -20,27 +20,11 @@ from gopc.sweep import settings as S
 from gopc.sweep.run import main as sweep_main
 from gopc.sweep.searcher import DivergenceAwareOptunaSearch
 from gopc.sweep.space import SearchSpace
+from gopc.sweep.tracking import RUN_STATUS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 TERMINAL = {"learned", "collapsed", "diverged", "stopped early", "errored"}
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    """One small local sweep shared by the assertions below (6 trials; trial 0 is the naive baseline)."""
-    folder = tmp_path_factory.mktemp("sweep")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        code = sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--set", "num_samples=6"])
-    finally:
-        os.chdir(cwd)
-        ray.shutdown()
-    assert code == 0
-    mlflow.set_tracking_uri(f"sqlite:///{folder}/mlflow.db")
-    settings = S.load(SWEEP_YAML, "smoke", ["num_samples=6", f"storage={folder}/sweep_results"])
-    return folder, settings, mlflow.MlflowClient()
 
 
 def runs_of(client, role):
@@ -58,7 +42,18 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["model.kind"] == "gopc2" and "stab.out_act" in child.data.params
-        assert "objective" in child.data.metrics
+        status = child.data.tags["status"]
+        assert child.info.status == RUN_STATUS[status], (status, child.info.status)  # the UI's icon
+        assert f"out_act={child.data.params['stab.out_act']}" in child.info.run_name  # named by its values
+        assert "objective" not in child.data.metrics  # one name: val/prior/mse; never the penalty
+        for key in child.data.metrics:
+            assert settings.penalty not in [m.value for m in client.get_metric_history(child.info.run_id, key)], key
+        if "val/prior/mse" in child.data.metrics:  # validated: its grids at each validation, for the Image grid
+            images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+            validations = client.get_metric_history(child.info.run_id, "val/prior/mse")
+            for key in ("predictions~inference", "predictions~rollout"):
+                steps = {int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith(f"images/{key}+")}
+                assert steps == {m.step for m in validations}, (key, steps)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
         if child.data.tags["status"] in ("learned", "collapsed", "stopped early"):  # stopped ones show their last grids
@@ -67,6 +62,18 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
             assert "val/prior/mse" in child.data.metrics
         if child.data.tags["status"] == "diverged":
             assert "divergence.json" in artifacts and child.data.tags["diverged_quantity"]
+            step = int(child.data.tags["diverged_step"])
+            assert child.data.metrics["diverged_step"] == step and child.data.metrics["diverged"] == 1
+            assert "max_grad_norm_before" in child.data.metrics
+            if step > 0:  # the blow-up's approach: the loss of the last finite step, logged at the divergence
+                losses = client.get_metric_history(child.info.run_id, "train/loss")
+                assert max(m.step for m in losses) == step
+    assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
+    best = next(c for c in children if c.info.run_id == parent.data.tags["best_run_id"])
+    assert best.data.tags["trial_id"] == parent.data.tags["best_trial"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith(f"{len(children)} trials: ") and f"{statuses.count('diverged')} diverged" in description
+    assert parent.data.params["sweep.stab.out_act"].startswith("searched: ")  # not the base value
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"trials.csv", "best_config.yaml", "search_space.yaml", "outcome_by_stabilizer.png",
             "optimisation_history.png", "param_importances.png", "parallel_coordinate.png", "slice.png"} <= parent_files
@@ -110,9 +117,10 @@ def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors
     assert written == [f"best-{i}.yaml" for i in range(1, min(2, len(completed)) + 1)]  # best first
     best = tmp_path / "best" / "best-1.yaml"
     learned = [c for c in completed if c.data.tags["status"] == "learned"]
-    top = min(learned or completed, key=lambda c: c.data.metrics["objective"])  # learned ones first
+    top = min(learned or completed, key=lambda c: c.data.metrics["val/prior/mse"])  # learned ones first
     header = best.read_text().splitlines()[0]
-    assert f"objective {top.data.metrics['objective']}, {top.data.tags['status']}: validation prior MSE" in header
+    assert f"trial {top.data.tags['trial_id']} '{top.info.run_name}'" in header
+    assert f"prior/mse {top.data.metrics['val/prior/mse']}, {top.data.tags['status']}: validation prior MSE" in header
     assert "against blank" in header and "last frame" in header
     assert yaml.safe_load(best.read_text())["model"]["kind"] == "gopc2"
     assert gopc_main(["train", "--config", str(best), "--out", str(tmp_path / "final"), "--quiet"]) == 0

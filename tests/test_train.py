@@ -35,6 +35,7 @@ def write_yaml(path, data):
 
 def test_gopc1_trains_and_logs_everything_to_mlflow(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the run lasts several seconds
     cfg_path = write_yaml(tmp_path / "run.yaml", TINY)
     assert main(["train", "--config", cfg_path, "--out", "runs/r", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -56,6 +57,9 @@ def test_gopc1_trains_and_logs_everything_to_mlflow(tmp_path, monkeypatch, capsy
     assert len(curves["posterior"]["mse"]) == 6 and len(curves["prior"]["ssim"]) == 5  # per step, t >= 1 for the prior
     logged_cfg = C.from_dict(yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml"))))
     assert logged_cfg == C.from_dict(TINY)  # the saved file alone reproduces the run
+    assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in run.data.metrics
+    (data,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the data config as a dataset input
+    assert data.dataset.name == "smooth-mnist-32px-6f-1digit" and '"data.n_train": "512"' in data.dataset.source
 
     # The thesis' errors, each beside the blank-frame score; the model beats a blank frame.
     m = json.load(open("runs/r/eval/metrics.json"))
@@ -172,3 +176,39 @@ def test_yaml_merge_keys_still_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("x: &base {lr: 0.01, steps: 5}\ntrain:\n  <<: *base\n  steps: 7\n")
     assert C.load_yaml(str(path))["train"] == {"lr": 0.01, "steps": 7}
+
+
+def test_the_registered_model_loads_and_scores_as_its_checkpoint(tmp_path, monkeypatch):
+    """mlflow.register_as: the finished model is a registered version that mlflow.pytorch.load_model gives
+    back, with the checkpoint's loss on the same batch (and not an untrained model's)."""
+    import mlflow.pytorch
+
+    from gopc.data import build_datasets, to_float
+    from gopc.models import build_model
+    from gopc.train import load_checkpoint
+    monkeypatch.chdir(tmp_path)
+    cfg_path = write_yaml(tmp_path / "run.yaml", TINY)
+    assert main(["train", "--config", cfg_path, "--out", "r", "--quiet", "--set", "train.steps=30",
+                 "--set", "mlflow.register_as=gopc1-tiny"]) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (version,) = client.search_model_versions("name = 'gopc1-tiny'")
+    (run,) = client.search_runs([client.get_experiment_by_name("gopc").experiment_id])
+    assert int(version.version) == 1 and version.run_id == run.info.run_id
+    cfg = C.from_dict(TINY)
+    x = to_float(build_datasets(cfg.data)["val"][:8])
+
+    def loss(model) -> float:
+        torch.manual_seed(0)  # the same noise for every model
+        with torch.no_grad():
+            return model.eval()(x, 1.0)[0].item()
+    registered = mlflow.pytorch.load_model("models:/gopc1-tiny/1")
+    from_checkpoint = build_model(cfg)
+    load_checkpoint("r/checkpoint.pt", from_checkpoint, cfg)
+    torch.manual_seed(1)
+    assert loss(registered) == loss(from_checkpoint) != loss(build_model(cfg))
+
+
+def test_a_model_name_mlflow_refuses_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "--set", "mlflow.register_as=a/b"]) == 2
+    assert "mlflow.register_as: 'a/b'" in capsys.readouterr().err and os.listdir(tmp_path) == []

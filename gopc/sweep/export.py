@@ -22,7 +22,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "",
                  optuna_storage: str = "") -> list[tuple]:
     """The sweep's top trials by its Optuna study (its storage as the sweep's settings resolve it) as
-    (MLflow run, run config), best first: learned trials, then collapsed ones only to fill up (their
+    (MLflow run, run config, "metric value"), best first: learned trials, then collapsed ones only to fill up (their
     header says so), each config as its MLflow run logged it."""
     if top < 1:
         raise GopcError(f"--top: {top} must be at least 1")
@@ -41,16 +41,17 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
     runs = []
     for t in ranked:
         # a trial without a run was lost by a kill and run again (its run deleted), or its writes are queued
-        runs += client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' "
-                                   f"and tags.trial_id = '{t.user_attrs[TUNE_ID]}'")
+        runs += [(run, t.value) for run in client.search_runs(
+            [exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and tags.trial_id = '{t.user_attrs[TUNE_ID]}'")]
         if len(runs) == top:
             break
     if not runs:
         raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
+    metric = parent.data.params.get("sweep.metric", "objective")
     configs = []
-    for run in runs:  # check every config before writing any file
+    for run, value in runs:  # check every config before writing any file
         with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:
-            configs.append((run, C.from_dict(yaml.safe_load(f))))
+            configs.append((run, C.from_dict(yaml.safe_load(f)), f"{metric} {value}"))
     return configs
 
 
@@ -59,11 +60,11 @@ def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", expe
     configs = best_configs(sweep, top, tracking_uri, experiment, optuna_storage)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
-    for i, (run, cfg) in enumerate(configs, 1):
+    for i, (run, cfg, score) in enumerate(configs, 1):
         path = os.path.join(out_dir, f"best-{i}.yaml")
         with open(path, "w") as f:
-            f.write(f"# sweep {sweep}, trial {run.info.run_name} (MLflow run {run.info.run_id}), "
-                    f"objective {run.data.metrics.get('objective')}, {run.data.tags['status']}: "
+            f.write(f"# sweep {sweep}, trial {run.data.tags['trial_id']} '{run.info.run_name}' (MLflow run "
+                    f"{run.info.run_id}), {score}, {run.data.tags['status']}: "
                     f"validation {scored_line(run.data.metrics, 'val/')}\n")
             f.write(C.dump(cfg))
         paths.append(path)

@@ -186,7 +186,8 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind):
     )
 
 
-def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
+def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
+    """Runs the experiment; returns the lines that say where to look, then the parent run's id."""
     from ray import tune
 
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
@@ -204,7 +205,8 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
         check_new_study(s)
     connect_ray()
     check_resources(s)
-    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml)
+    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml,
+                          saved_view(s, kind))
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
         repair = align_snapshot(s.experiment_path, make_searcher(s, [])) if kind.searched else Repair()
         if repair.changed:
@@ -215,11 +217,27 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind):
     else:
         tuner = build_tuner(s, parent, kind)
     results = tuner.fit()
-    return kind.summarise(s, results, parent)
+    return kind.summarise(s, results, parent) + [parent]
+
+
+def saved_view(s: S.Common, kind: Kind) -> tuple[list[str], str | None]:
+    """The MLflow UI view of the trials (gopc/sweep/tracking.py: save_view): outcome and score columns, the
+    searched params, grouped by the first searched choice (a sweep) or by the model (a study)."""
+    section = "test" if kind.test else "val"
+    columns = ["metrics.`diverged`", "metrics.`learned`"]
+    columns += [f"metrics.`{section}/prior/{k}`" for k in ("skill_mse", "mse", "blank_mse", "last_mse")]
+    if kind.searched:
+        params = [p.name for p in s.space]
+        group = next((p.name for p in s.space if p.choices is not None and not p.when), None)
+    else:
+        params, group = ["model.kind", "train.seed"], "model.kind"
+    return columns + [f"params.`{p}`" for p in params if p != group] + ["tags.`status`"], group
 
 
 def sweep_params(s: S.Settings) -> dict:
-    return {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), "metric": s.metric, "mode": s.mode,
+    """The base config, each searched key shown by its range (its base value was never used as such)."""
+    searched = {p.name: f"searched: {p.choices if p.choices is not None else f'{p.low:g}..{p.high:g}'}" for p in s.space}
+    return {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), **searched, "metric": s.metric, "mode": s.mode,
                                          "num_samples": s.num_samples, "seed": s.seed}.items()}
 
 
@@ -233,6 +251,7 @@ SWEEP = Kind("gopc2_stability", "Ray Tune + Optuna sweep over GOPC-2 stabilizers
 
 
 def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
+    from gopc.sweep.tracking import view_link
     try:
         args = parse_args(argv, default_config, kind)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
@@ -244,5 +263,7 @@ def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: K
     uri = s.mlflow_uri
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite")
           else f"open {uri} (on a cluster: ray dashboard cluster/gpu.yaml --port 5000 --remote-port 5000)")
-    print("\n" + "\n".join(where + [f"MLflow UI: {ui}"]) + "\n")
+    address = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri.rstrip("/")
+    view = view_link(uri, where.pop(), s.name)
+    print("\n" + "\n".join(where + [f"MLflow UI: {ui}"] + [f"then the trials' view: {address}/{view}"] * bool(view)) + "\n")
     return 0

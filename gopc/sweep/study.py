@@ -96,7 +96,7 @@ def _arm_sources(s: StudySettings, arm: dict, where: str) -> list[tuple[str, dic
             found = best_configs(arm["sweep"], top, s.tracking_uri)
         except GopcError as e:
             raise ConfigError(f"{where}.sweep: {e}") from None
-        return [(arm["name"] if top == 1 else f"{arm['name']}-{i}", cfg.to_dict()) for i, (_, cfg) in enumerate(found, 1)]
+        return [(arm["name"] if top == 1 else f"{arm['name']}-{i}", cfg.to_dict()) for i, (_, cfg, _) in enumerate(found, 1)]
     if "config" in arm:
         return [(arm["name"], C.load_yaml(os.path.expanduser(arm["config"]), f"{where}.config"))]
     return [(arm["name"], yaml.safe_load(yaml.safe_dump(s.base)) or {})]  # a deep copy

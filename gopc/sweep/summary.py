@@ -35,9 +35,10 @@ def trial_rows(s: Settings, results) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        row = {"trial_id": m.get("trial_id") or os.path.basename(r.path or ""),
-               "status": trial_status(m, r.error is not None, steps),
-               "objective": m.get("objective", float("nan")), "step": m.get("step", 0),
+        status = trial_status(m, r.error is not None, steps)
+        row = {"trial_id": m.get("trial_id") or os.path.basename(r.path or ""), "status": status,
+               "objective": "" if status == "diverged" else m.get("objective", float("nan")),  # not the penalty
+               "step": m.get("step", 0),
                "diverged_step": m.get("diverged_step", ""), "diverged_quantity": m.get("diverged_quantity", ""),
                "error": str(r.error).strip().splitlines()[0][:200] if r.error else ""}
         row.update({p.name: r.config.get(p.name, "") for p in s.space})
@@ -193,10 +194,11 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
                **{f"n_{k.replace(' ', '_')}": v for k, v in counts.items()},
                **{f"optuna_{k.lower()}": v for k, v in states.items()},
                "best_objective": float(best["objective"]) if best else float("nan")}
-    if not finish_parent(s.mlflow_uri, parent_run_id, files, metrics):
+    tally = f"{len(rows)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+    if not finish_parent(s.mlflow_uri, parent_run_id, files, metrics, f"{tally}. {verdict_line(best)}",
+                         best["trial_id"] if best else "", rows):
         print(f"the summary is kept in {folder}; run with --resume to log it once MLflow is back")
-    print(f"\n{len(rows)} trials: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
-          + f"; Optuna study states: {dict(states)}")
+    print(f"\n{tally}; Optuna study states: {dict(states)}")
     print(verdict_line(best))
     return best_path
 

@@ -11,24 +11,76 @@ import json
 import math
 import os
 import pickle
+import re
 import sys
 import time
 
 import mlflow
+import numpy as np
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from PIL import Image
 from ray import tune
 
 from gopc import config as C
 from gopc.sweep.searcher import trial_status
 from gopc.sweep.space import trial_config
+from gopc.tracking import logged_steps
 
 DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_grad_norm_before")
+# What a user charts: the real metrics, never Tune's `objective` (a copy of the metric, or for a diverged
+# trial the searcher's penalty, which would flatten every sort, average and chart).
+LOGGED = ("diverged", "learned", "diverged_step", "max_grad_norm_before")
+# The MLflow status each outcome ends in, so the runs table shows it by its icon.
+RUN_STATUS = {"learned": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
+              "stopped early": "KILLED"}
+GRIDS = ("inference", "rollout")  # eval/*.png drawn at every validation, logged as MLflow images
+
+
+def run_name(config: dict) -> str:
+    """A trial's run name from its sampled values, e.g. 'out_act=layernorm h_grad=clip_norm lr=0.00035'."""
+    def short(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={short(v)}" for k, v in sorted(config.items()))[:240] or "trial"
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
+    """The experiment, created as a model-training one (the UI would open a new one on its GenAI pages)."""
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    return exp.experiment_id if exp else client.create_experiment(
+        name, tags={"mlflow.experimentKind": "custom_model_development"})
+
+
+VIEW_TAG = "mlflow.sharedViewState."  # + view id: the MLflow UI's saved views live in experiment tags
+
+
+def view_id(sweep: str) -> str:
+    return re.sub(r"[^\w.-]", "-", f"gopc-{sweep}")
+
+
+def save_view(client, exp_id: str, sweep: str, columns: list[str], group_by: str | None) -> str:
+    """A saved view of the sweep's trials in the MLflow UI ("Views"): its outcome columns, sorted by
+    the objective, grouped by `group_by` (a param) with group averages, so the `diverged` and `learned`
+    columns read as rates per value. Returns the view's id (?viewStateShareKey= in the runs page URL)."""
+    view = view_id(sweep)
+    state = {"searchFilter": f"tags.sweep = '{sweep}' and tags.role = 'trial'", "orderByKey": "metrics.`val/prior/mse`",
+             "orderByAsc": True, "startTime": "ALL", "lifecycleFilter": "Active", "selectedColumns": columns,
+             "groupBy": group_by and {"aggregateFunction": "average", "groupByKeys": [{"mode": "param", "groupByData": group_by}]},
+             "runsHiddenMode": "FIRST_10_RUNS", "hideEmptyCharts": True, "useGroupedValuesInCharts": True}
+    now = int(time.time() * 1000)
+    title = f"{sweep}: outcomes" + (f" by {group_by}" if group_by else "")
+    client.set_experiment_tag(exp_id, VIEW_TAG + view, json.dumps(
+        {"name": title, "createdAt": now, "updatedAt": now, "state": json.dumps(state)}))
+    return view
+
+
+def view_link(uri: str, run_id: str, sweep: str) -> str:
+    """Where the sweep's saved view opens, after the MLflow UI's address ("" while MLflow is away)."""
+    try:
+        exp_id = mlflow.MlflowClient(uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001: the summary has already said what it could not log
+        return ""
+    return f"#/experiments/{exp_id}/runs?viewStateShareKey={view_id(sweep)}"
 
 
 def find_parent(client, exp_id: str, sweep: str):
@@ -36,8 +88,10 @@ def find_parent(client, exp_id: str, sweep: str):
     return runs[0] if runs else None
 
 
-def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: dict, space_yaml: str) -> str:
-    """The sweep's parent run: created on a fresh start, found again on --resume."""
+def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: dict, space_yaml: str,
+                 view: tuple[list[str], str | None] | None = None) -> str:
+    """The sweep's parent run: created on a fresh start, found again on --resume; `view` (columns, group
+    by) saves the sweep's view of its trials in the MLflow UI."""
     client = mlflow.MlflowClient(uri)
     exp_id = experiment_id(client, experiment)
     existing = find_parent(client, exp_id, sweep)
@@ -47,6 +101,8 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
     run = client.create_run(exp_id, run_name=sweep, tags={"sweep": sweep, "role": "parent", "status": "running"})
     client.log_batch(run.info.run_id, params=[Param(k, C.redact(str(v))[:6000]) for k, v in params.items()])
     client.log_text(run.info.run_id, C.redact(space_yaml), "search_space.yaml")
+    if view:
+        save_view(client, exp_id, sweep, *view)
     return run.info.run_id
 
 
@@ -67,6 +123,8 @@ class SweepTracker(tune.Callback):
         self._client = None
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
         self._checkpoints: dict[str, object] = {}
+        self._logged: dict[str, dict[str, int]] = {}  # trial id -> metric -> last step in MLflow
+        self._imaged: dict[str, int] = {}  # trial id -> step of the grids last queued
         self._pending: list[tuple[str, str, dict]] = load_pending(self.pending_path)
         self._retry_at, self._outage = 0.0, False
 
@@ -86,17 +144,29 @@ class SweepTracker(tune.Callback):
 
     # Tune's hooks: queue, then try to write --------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.submit("start", trial, {"name": str(trial), "config": dict(trial.config)})
+        self.submit("start", trial, {})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step, now = int(result.get("step", 0)), int(time.time() * 1000)
         metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                   if k.startswith(("train/", "val/", "test/")) or k in ("objective", "diverged", "learned")
+                   if k.startswith(("train/", "val/", "test/")) or k in LOGGED
                    if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        self.submit("metrics", trial, {"metrics": metrics, "name": str(trial), "config": dict(trial.config)})
+        self.submit("metrics", trial, {"metrics": metrics})
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        """Each validation's prediction grids as MLflow images at its step, so the Image grid and the
+        compare view set trials side by side over training (a diverged trial's grids are stale: skipped)."""
         self._checkpoints[trial.trial_id] = checkpoint
+        result = trial.last_result or {}
+        step = int(result.get("step", 0))
+        if result.get("diverged") or self._imaged.get(trial.trial_id) == step:
+            return
+        self._imaged[trial.trial_id] = step
+        with checkpoint.as_directory() as folder:
+            images = {name: np.asarray(Image.open(path).convert("RGB")) for name in GRIDS
+                      if os.path.exists(path := os.path.join(folder, "eval", f"{name}.png"))}
+        if images:
+            self.submit("images", trial, {"step": step, "images": images})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._finish(trial, trial_status(trial.last_result, False, self.total_steps))
@@ -111,12 +181,11 @@ class SweepTracker(tune.Callback):
         self.submit("finish", trial, {
             "status": status, "result": dict(trial.last_result or {}),
             "checkpoint": self._checkpoints.get(trial.trial_id) or trial.checkpoint,
-            "error": error_text(trial) if status == "errored" else "",
-            "name": str(trial), "config": dict(trial.config)})
+            "error": error_text(trial) if status == "errored" else ""})
 
     # the queue -----------------------------------------------------------------------------------
     def submit(self, op: str, trial, payload: dict):
-        self._pending.append((op, trial.trial_id, payload))
+        self._pending.append((op, trial.trial_id, {**payload, "config": dict(trial.config)}))
         self.flush()
 
     def flush(self, force: bool = False) -> bool:
@@ -151,13 +220,16 @@ class SweepTracker(tune.Callback):
         return not self._pending
 
     # the operations (each idempotent, so a replay after a partial failure is harmless) -------------
-    def run_id(self, trial_id: str, name: str, config: dict) -> str:
+    def run_id(self, trial_id: str, config: dict) -> str:
         if trial_id in self._runs:
             return self._runs[trial_id]
         exp_id = self.client.get_run(self.parent).info.experiment_id
         found = self.client.search_runs(
             [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}' and tags.trial_id = '{trial_id}'")
-        run = found[0] if found else self.client.create_run(exp_id, run_name=name, tags={
+        # a restarted driver may get results again that the run already holds (a resumed trial repeats the
+        # steps after its checkpoint): those steps are not logged twice
+        self._logged[trial_id] = logged_steps(self.client, found[0].info.run_id) if found else {}
+        run = found[0] if found else self.client.create_run(exp_id, run_name=run_name(config), tags={
             MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial_id, "sweep": self.sweep, "role": "trial",
             "status": "running", "sampled": ", ".join(sorted(config))})
         if not run.data.params:
@@ -167,14 +239,21 @@ class SweepTracker(tune.Callback):
         self._runs[trial_id] = run.info.run_id
         return run.info.run_id
 
-    def _do_start(self, trial_id, name, config):
-        self.run_id(trial_id, name, config)
+    def _do_start(self, trial_id, config):
+        self.run_id(trial_id, config)
 
-    def _do_metrics(self, trial_id, metrics, name, config):
-        self.client.log_batch(self.run_id(trial_id, name, config), metrics=metrics)
+    def _do_metrics(self, trial_id, metrics, config):
+        run_id, logged = self.run_id(trial_id, config), self._logged[trial_id]
+        if new := [m for m in metrics if m.step > logged.get(m.key, -1)]:  # not what a killed driver logged
+            self.client.log_batch(run_id, metrics=new)
 
-    def _do_finish(self, trial_id, status, result, checkpoint, error, name, config):
-        run_id = self.run_id(trial_id, name, config)
+    def _do_images(self, trial_id, step, images, config):
+        run_id = self.run_id(trial_id, config)
+        for name, image in images.items():
+            self.client.log_image(run_id, image, key=f"predictions/{name}", step=step)
+
+    def _do_finish(self, trial_id, status, result, checkpoint, error, config):
+        run_id = self.run_id(trial_id, config)
         tags = [RunTag("status", status)]
         if status == "diverged":
             record = {k: result.get(k) for k in DIVERGENCE_KEYS}
@@ -190,7 +269,7 @@ class SweepTracker(tune.Callback):
                 if os.path.isdir(eval_dir := os.path.join(folder, "eval")):
                     self.client.log_artifacts(run_id, eval_dir, "eval")
         self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, "FAILED" if status == "errored" else "FINISHED")
+        self.client.set_terminated(run_id, RUN_STATUS[status])
 
 
 def load_pending(path: str) -> list:
@@ -221,12 +300,15 @@ def error_text(trial) -> str:
     return str(err or "")
 
 
-def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float], wait_s: float = 120) -> bool:
-    """Log the summary on the parent run, retrying while the server is away. False if it never came back."""
+def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float], description: str,
+                  best_trial: str = "", table: list[dict] | None = None, wait_s: float = 120) -> bool:
+    """Log the summary on the parent run, retrying while the server is away. False if it never came back.
+    `description` is the result in a sentence, shown on the run's page; `best_trial` (a Tune trial id)
+    is tagged with its run's id, so the parent links to it; `table` rows are logged as an MLflow table."""
     deadline = time.time() + wait_s
     while True:
         try:
-            _finish_parent(uri, parent, files, metrics)
+            _finish_parent(uri, parent, files, metrics, description, best_trial, table)
             return True
         except Exception as e:  # noqa: BLE001
             if time.time() > deadline:
@@ -235,11 +317,19 @@ def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[st
             time.sleep(5)
 
 
-def _finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float]) -> None:
+def _finish_parent(uri, parent, files, metrics, description, best_trial, table) -> None:
     client = mlflow.MlflowClient(uri)
     for path in files.values():
         client.log_artifact(parent, path)
+    if table:
+        columns = sorted({k for row in table for k in row})
+        client.log_table(parent, {c: [str(row.get(c, "")) for row in table] for c in columns}, "trials_table.json")
     finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()])
-    client.log_batch(parent, tags=[RunTag("status", "completed"), RunTag("summary", json.dumps(metrics)[:4000])])
+    tags = {"status": "completed", "summary": json.dumps(metrics)[:4000], MLFLOW_RUN_NOTE: description}
+    if best_trial:
+        exp_id = client.get_run(parent).info.experiment_id
+        found = client.search_runs([exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent}' and tags.trial_id = '{best_trial}'")
+        tags.update(best_trial=best_trial, **({"best_run_id": found[0].info.run_id} if found else {}))
+    client.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(parent, "FINISHED")

@@ -43,6 +43,7 @@ class TuneHooks(Hooks):
         self._report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
+        # last_train holds the last finite step's loss and norms (train.py reports them just before)
         self._report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
                       "diverged_step": record.step, "diverged_quantity": record.quantity,
                       "diverged_frame": -1 if record.frame is None else record.frame,

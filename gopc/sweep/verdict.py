@@ -233,6 +233,14 @@ def report(v: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sentence(v: dict) -> str:
+    """The verdict in a few sentences, for the parent run's description."""
+    arms = "; ".join(f"{name} ({a['model']}) {a['outcome']}, {a['survived']} of {len(a['seeds'])} seeds survived"
+                     for name, a in v["arms"].items())
+    words = "; ".join(f"{p['a']} vs {p['b']}: {p['word']}" for p in v["pairs"] if p["metric"] == "prior/mse")
+    return f"Test split, {len(v['seeds'])} seeds: {arms}." + (f" One-step prior MSE: {words}." if words else "")
+
+
 def write_verdict(s, results, parent: str) -> list[str]:
     runs = collect(s, results)
     v = build(s, runs)
@@ -250,7 +258,7 @@ def write_verdict(s, results, parent: str) -> list[str]:
         files["predictions"] = picture
     metrics = {f"{arm}.{k}": a["metrics"][k]["mean"] for arm, a in v["arms"].items() for k in ("prior/mse", "prior/skill_mse")}
     metrics.update({f"{arm}.survived": a["survived"] for arm, a in v["arms"].items()})
-    if not finish_parent(s.mlflow_uri, parent, files, metrics):
+    if not finish_parent(s.mlflow_uri, parent, files, metrics, sentence(v)):
         print(f"the verdict is kept in {folder}; run with --resume to log it once MLflow is back")
     print("\n" + table(v))
     return [f"verdict: {files['report']}", f"verdict.json: {files['json']}"]
