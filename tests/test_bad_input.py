@@ -397,6 +397,8 @@ ROWS = [
         ("train.inject", "SITE@STEP")),
     Row("config-bad-device", "--set train.device=gpu", train("train.device=gpu"),
         ("train.device", "cuda:N")),
+    Row("config-model-name", "--set mlflow.register_as=team/gopc2 (a name MLflow refuses)",
+        train("mlflow.register_as=team/gopc2"), ("mlflow.register_as", "no '/', ':'")),
 
     # ---- search space (the sweep's `space:`), through the sweep entry
     Row("space-empty", "`space: {}`", space({}), ("space", "at least one parameter")),

@@ -207,8 +207,3 @@ def test_the_registered_model_loads_and_scores_as_its_checkpoint(tmp_path, monke
     torch.manual_seed(1)
     assert loss(registered) == loss(from_checkpoint) != loss(build_model(cfg))
 
-
-def test_a_model_name_mlflow_refuses_is_refused_before_training(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    assert main(["train", "--quiet", "--set", "mlflow.register_as=a/b"]) == 2
-    assert "mlflow.register_as: 'a/b'" in capsys.readouterr().err and os.listdir(tmp_path) == []
