@@ -14,7 +14,8 @@ import urllib.request
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from gopc.sweep.tracking import RUN_STATUS, view_link
+from gopc.sweep.parent_run import view_link
+from gopc.sweep.tracking import RUN_STATUS
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/ci_system_deps.sh installs it)
 GREEN, RED = "rgb(39, 124, 67)", "rgb(200, 45, 76)"  # MLflow 3.17's finished / failed-or-killed icons

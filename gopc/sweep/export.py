@@ -13,7 +13,7 @@ from gopc.errors import GopcError
 from gopc.evaluate import scored_line
 from gopc.sweep.searcher import COMPLETED, TUNE_ID, open_study
 from gopc.sweep.settings import study_storage
-from gopc.sweep.tracking import find_parent
+from gopc.sweep.parent_run import find_parent
 from gopc.tracking import resolve_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

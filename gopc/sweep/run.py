@@ -191,7 +191,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
     from ray import tune
 
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
-    from gopc.sweep.tracking import start_parent
+    from gopc.sweep.parent_run import start_parent
 
     check_storage(s)
     exists = tune.Tuner.can_restore(s.experiment_path)
@@ -221,7 +221,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
 
 
 def saved_view(s: S.Common, kind: Kind) -> tuple[list[str], str | None]:
-    """The MLflow UI view of the trials (gopc/sweep/tracking.py: save_view): outcome and score columns, the
+    """The MLflow UI view of the trials (gopc/sweep/parent_run.py: save_view): outcome and score columns, the
     searched params, grouped by the first searched choice (a sweep) or by the model (a study)."""
     section = "test" if kind.test else "val"
     columns = ["metrics.`diverged`", "metrics.`learned`"]
@@ -251,7 +251,7 @@ SWEEP = Kind("gopc2_stability", "Ray Tune + Optuna sweep over GOPC-2 stabilizers
 
 
 def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
-    from gopc.sweep.tracking import view_link
+    from gopc.sweep.parent_run import view_link
     try:
         args = parse_args(argv, default_config, kind)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""

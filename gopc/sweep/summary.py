@@ -25,7 +25,7 @@ from gopc.evaluate import scored_line  # noqa: E402
 from gopc.sweep.searcher import COMPLETED, open_study, trained, trial_status  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
-from gopc.sweep.tracking import finish_parent  # noqa: E402
+from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -27,7 +27,7 @@ from scipy import stats  # noqa: E402
 from gopc import config as C  # noqa: E402
 from gopc.evaluate import SECTIONS, TEST_DIR, outcome  # noqa: E402
 from gopc.metrics import SKILL_METRICS  # noqa: E402
-from gopc.sweep.tracking import finish_parent  # noqa: E402
+from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
 METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
 SKILLS = [f"{s}/skill_{m}" for s in SECTIONS for m in SKILL_METRICS]
