@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import signal
 import sys
@@ -102,7 +103,11 @@ def cmd_train(args) -> int:
     for seed, run_dir in run_dirs.items():
         run_cfg = C.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": seed}})
         hooks = Hooks() if args.no_mlflow else MlflowHooks(run_cfg, run_id=run_id, uri=uri)
-        result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet)
+        try:
+            result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet)
+        except BaseException:
+            hooks.failed()  # its MLflow run ends FAILED, not RUNNING for ever
+            raise
         if result.status == "killed":  # a signal: the one line says how to go on; later seeds do not start
             print(f"gopc: {signal.Signals(result.signal).name} at step {result.step}: checkpoint saved; "
                   f"resume with: gopc train --resume {run_dir}", file=sys.stderr)
@@ -151,15 +156,19 @@ def cmd_eval(args) -> int:
 def cmd_best(args) -> int:
     from gopc.tracking import check_tracking, resolve_uri
 
+    output = os.path.expanduser(args.output)
+    if earlier := sorted(glob.glob(os.path.join(output, "best-*.yaml"))):  # never overwrite an export
+        raise GopcError(f"--output: {output} already holds {os.path.basename(earlier[0])} from an earlier export; "
+                        f"choose a new folder with -o, or remove those files")
     uri = resolve_uri(args.tracking_uri or os.environ.get("GOPC_TRACKING_URI", ""))
     db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else None
     if db and not os.path.isfile(db):  # MLflow would create an empty database just to look in it
         raise GopcError(f"--sweep: no sweep named {args.sweep!r}: there is no MLflow database {db}; "
                         f"run from the sweep's folder or pass --tracking-uri")
     check_tracking(uri, "--tracking-uri")
-    C.check_creatable(os.path.expanduser(args.output), "--output")
+    C.check_creatable(output, "--output")
     from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
-    for path in export_best(args.sweep, args.top, os.path.expanduser(args.output), uri, args.experiment,
+    for path in export_best(args.sweep, args.top, output, uri, args.experiment,
                             args.optuna_storage):
         print(path)
     return 0

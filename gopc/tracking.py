@@ -194,6 +194,15 @@ class MlflowHooks(Hooks):
         self.mlflow.log_dict(record.to_dict(), "divergence.json")
         self.mlflow.set_tags({"diverged_step": record.step, "diverged_quantity": record.quantity})
 
+    def failed(self):
+        if self.mlflow.active_run() is None:
+            return
+        try:
+            self.mlflow.set_tag("status", "errored")
+            self.mlflow.end_run(status="FAILED")
+        except Exception:  # noqa: BLE001: the store itself may be what failed; the error is raised anyway
+            pass
+
     def finished(self, result: Result):
         ckpt = os.path.join(self.run_dir, "checkpoint.pt")
         if os.path.exists(ckpt):

@@ -43,6 +43,8 @@ class Hooks:
 
     def finished(self, result: "Result") -> None: ...
 
+    def failed(self) -> None: ...  # the run raised (not a signal, not a divergence): record it as failed
+
 
 @dataclass
 class Result:

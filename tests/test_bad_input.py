@@ -599,6 +599,9 @@ ROWS = [
         ("--n", "'-3' is not a whole number of 1")),
     Row("eval-n-beyond-split", "`gopc eval r --n 9` (r's test split has 8 sequences)",
         gopc("eval", "r", "--n", "9", setup=trained_run()), ("--n", "more than the 8 sequences")),
+    Row("best-output-holds-export", "`gopc best --sweep s -o out` where out/ holds an earlier best-1.yaml",
+        gopc("best", "--sweep", "s", "-o", "out", files={"out/best-1.yaml": "# an earlier export\n"}),
+        ("--output", "already holds best-1.yaml", "choose a new folder")),
     Row("best-top-zero", "`gopc best --sweep s --top 0`", gopc("best", "--sweep", "s", "--top", "0"),
         ("--top", "'0' is not a whole number of 1")),
 

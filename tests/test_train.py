@@ -207,3 +207,14 @@ def test_the_registered_model_loads_and_scores_as_its_checkpoint(tmp_path, monke
     torch.manual_seed(1)
     assert loss(registered) == loss(from_checkpoint) != loss(build_model(cfg))
 
+
+
+def test_a_run_that_raises_ends_its_mlflow_run_failed(tmp_path, monkeypatch):
+    """Not a signal, not a divergence: an error mid-training (train.inject=raise) leaves no RUNNING run."""
+    monkeypatch.chdir(tmp_path)
+    cfg_path = write_yaml(tmp_path / "run.yaml", TINY)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        main(["train", "--config", cfg_path, "--out", "r", "--quiet", "--set", "train.inject=raise@3"])
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("gopc").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["status"] == "errored"
