@@ -1,10 +1,27 @@
 """The suite's final check: no test leaves a Ray, MLflow or sshd process, or a stale Ray cluster-address
-file, behind. Processes that were already running before the session (someone's own Ray) are ignored."""
+file, behind. Only this session's processes count: those that inherited its marker in their environment
+(everything a test starts, Ray's workers included) or that run from this checkout. Processes already
+running before the session, and those of other sessions or checkouts on the same machine (another
+engineer's sweep, a second test run), are not this suite's to judge."""
 import os
 import subprocess
 import time
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = f"GOPC_TEST_SESSION={os.getpid()}"
+os.environ["GOPC_TEST_SESSION"] = str(os.getpid())  # set at import, so every process a test starts has it
+
+
+def this_session(pid: int, args: str) -> bool:
+    if ROOT + "/" in args:
+        return True
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return MARK.encode() in f.read().split(b"\0")
+    except OSError:  # gone already, or not ours to read
+        return False
 
 PATTERNS = ("gcs_server", "raylet", "ray::", "mlflow server", "mlflow.server", "uvicorn", "sshd -D -e -f",
             "dashboard/agent.py", "log_monitor.py", "ray/autoscaler")
@@ -16,7 +33,7 @@ def ours() -> dict[int, str]:
     procs = {}
     for line in out.splitlines():
         pid, _, args = line.strip().partition(" ")
-        if int(pid) != os.getpid() and any(p in args for p in PATTERNS):
+        if int(pid) != os.getpid() and any(p in args for p in PATTERNS) and this_session(int(pid), args):
             procs[int(pid)] = args
     return procs
 
@@ -35,7 +52,7 @@ def nothing_left_behind():
     assert had_address_file or not os.path.exists(ADDRESS_FILE), f"stale {ADDRESS_FILE} left behind"
 
 
-SWEEP_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "gopc2_stability.yaml")
+SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 
 
 @pytest.fixture(scope="session")
