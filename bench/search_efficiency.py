@@ -30,6 +30,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -98,7 +99,8 @@ def search(name: str, problem: dict, seed: int, n: int) -> dict:
         with contextlib.redirect_stdout(sys.stderr):
             results = tuner.fit()
         steps = C.from_dict(s.base).train.steps
-        ordered = sorted(results, key=lambda r: r.metrics.get("trial_id", ""))
+        # in the order Tune created them: the counter after the (random) trial id in each trial's folder name
+        ordered = sorted(results, key=lambda r: int(re.search(r"_[0-9a-f]{8}_(\d+)_", os.path.basename(r.path))[1]))
         statuses = [trial_status(r.metrics, r.error is not None, steps) for r in ordered]
         states = [t.state.name for t in alg._ot_study.get_trials(deepcopy=False)]  # the searcher's own study
     first = lambda ok: next((i + 1 for i, st in enumerate(statuses) if st in ok), None)  # noqa: E731
