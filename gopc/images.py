@@ -36,9 +36,12 @@ def _frames(x, n: int) -> np.ndarray:
 
 
 def _grid(n_seq: int, labels: list[str], T: int, context_gap_before: int | None = None):
-    """Figure with one axes per (sequence, row, t).
+    """Figure with one cell per (sequence, row, t), all drawn into a single axes that spans the figure and
+    whose data coordinates are inches. Why not one Axes per frame: creating an Axes costs ~8 ms, and a
+    grid has 60-120 of them; that was ~1 s of every validation of a sweep trial (docs/performance.md,
+    Service overhead), while an image in a shared axes costs well under a millisecond. Same pixels.
 
-    Returns (fig, axes[seq][row][t], left edge of each column in inches, width, height in inches).
+    Returns (fig, canvas, cells[seq][row][t] = (left, bottom) in inches, column left edges, width, height).
     """
     col_x, x = [], LEFT
     for t in range(T):
@@ -50,32 +53,36 @@ def _grid(n_seq: int, labels: list[str], T: int, context_gap_before: int | None 
     rows = n_seq * len(labels)
     height = TOP + rows * CELL + (rows - n_seq) * PAD + (n_seq - 1) * SEQ_GAP + BOTTOM
     fig = plt.figure(figsize=(width, height), dpi=DPI, facecolor="white")
-    axes = []
+    canvas = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+    canvas.set_axis_off()
+    canvas.set_xlim(0, width)
+    canvas.set_ylim(0, height)
+    canvas.set_autoscale_on(False)  # imshow must not move the limits: each frame has its own extent
+    cells = []
     y = height - TOP  # top edge of the current row, measured from the bottom
     for s in range(n_seq):
-        seq_axes = []
+        seq_cells = []
         for r, label in enumerate(labels):
             bottom = y - CELL
-            row = [fig.add_axes((cx / width, bottom / height, CELL / width, CELL / height)) for cx in col_x]
-            for ax in row:
-                ax.set_axis_off()
+            seq_cells.append([(cx, bottom) for cx in col_x])
             fig.text((LEFT - 0.08) / width, (bottom + CELL / 2) / height, label, ha="right", va="center", fontsize=FONT)
             if s == 0 and r == 0:
                 for t, cx in enumerate(col_x):  # t indices above the first row only
                     x_mid, y_top = (cx + CELL / 2) / width, (y + 0.05) / height
                     fig.text(x_mid, y_top, str(t), ha="center", va="bottom", fontsize=FONT)
-            seq_axes.append(row)
             y = bottom - PAD
-        axes.append(seq_axes)
+        cells.append(seq_cells)
         y += PAD - SEQ_GAP
-    return fig, axes, col_x, width, height
+    return fig, canvas, cells, col_x, width, height
 
 
-def _show(ax, frame: np.ndarray) -> None:
+def _show(canvas, cell: tuple[float, float], frame: np.ndarray) -> None:
     # a frame with no value at all (the prior at t=0) stays blank instead of being drawn as black
     if np.isnan(frame).all():
         return
-    ax.imshow(np.clip(frame, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0)
+    x, y = cell
+    canvas.imshow(np.clip(frame, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0, extent=(x, x + CELL, y, y + CELL),
+                  aspect="auto")
 
 
 def _save(fig, path) -> Path:
@@ -92,11 +99,11 @@ def inference_grid(truth, prior, posterior, path, n: int = 3) -> Path:
     """Thesis fig. 3.3: per sequence, rows truth / prior / |prior - truth| / posterior. Returns the PNG path."""
     truth, prior, posterior = _frames(truth, n), _frames(prior, n), _frames(posterior, n)
     error = np.abs(prior - truth)  # NaN where the prior is NaN, so those cells stay blank too
-    fig, axes, *_ = _grid(len(truth), ["truth", "prior", "error", "posterior"], truth.shape[1])
-    for s, seq_axes in enumerate(axes):
-        for rows, data in zip(seq_axes, (truth, prior, error, posterior)):
-            for t, ax in enumerate(rows):
-                _show(ax, data[s, t])
+    fig, canvas, cells, *_ = _grid(len(truth), ["truth", "prior", "error", "posterior"], truth.shape[1])
+    for s, seq_cells in enumerate(cells):
+        for rows, data in zip(seq_cells, (truth, prior, error, posterior)):
+            for t, cell in enumerate(rows):
+                _show(canvas, cell, data[s, t])
     return _save(fig, path)
 
 
@@ -111,12 +118,12 @@ def rollout_grid(truth, prediction, path, context: int = 5, n: int = 3) -> Path:
     if Tp > T:
         raise ValueError(f"prediction has {Tp} frames but truth only {T}")
     show_line = 0 < context < T
-    fig, axes, col_x, width, height = _grid(len(truth), ["truth", "prediction"], T, context if show_line else None)
-    for s, (truth_row, pred_row) in enumerate(axes):
+    fig, canvas, cells, col_x, width, height = _grid(len(truth), ["truth", "prediction"], T, context if show_line else None)
+    for s, (truth_row, pred_row) in enumerate(cells):
         for t in range(T):
-            _show(truth_row[t], truth[s, t])
+            _show(canvas, truth_row[t], truth[s, t])
             if t >= T - Tp:
-                _show(pred_row[t], prediction[s, t - (T - Tp)])
+                _show(canvas, pred_row[t], prediction[s, t - (T - Tp)])
     if show_line:
         # centred in the widened gap between frame context-1 and frame context, spanning all rows
         x = (col_x[context] - (CONTEXT_GAP + PAD) / 2) / width

@@ -10,9 +10,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_bench(script: str) -> str:
+def run_bench(script: str, timeout: float = 120) -> str:
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -52,3 +52,22 @@ def data_gen_out():
     out = run_bench("data_gen.py")
     assert re.search(r"^law\s+s/call\s+seq/s", out, re.M)
     return out
+
+
+def test_overhead_prints_every_variant_against_the_bare_loop():
+    # seven Tuner.fit runs of one tiny trial each, on a Ray instance of its own: a minute, more when loaded
+    out = run_bench("overhead.py", timeout=900)
+    assert re.search(r"^variant\s+steps\s+fit s\s+spread\s+steps/s\s+vs bare\s+CPU s\s+CPU vs bare\s+objective$", out, re.M)
+    for variant in ("bare Ray Tune \\+ Optuna", "service", "service, no validation", "service, no grids",
+                    "service, no checkpoint", "service, no MLflow", "service, none of the four"):
+        assert re.search(rf"^{variant}\s+4(\s+[\d.]+){{7}}$", out, re.M), variant
+    assert re.search(r"^service overhead: -?[\d.]+% fewer steps/s than the bare loop \((within|over) the 10% target\); -?[\d.]+% fewer steps per CPU second$", out, re.M)
+
+
+def test_search_efficiency_prints_each_searcher():
+    out = run_bench("search_efficiency.py", timeout=900)
+    for name in ("service", "plain", "random"):
+        (row,) = [line for line in out.splitlines() if line.split()[:2] == ["0", name]]
+        assert re.search(r"\s[lcdse]{3}\s+\{'", row), row  # three trials, each with an outcome, then Optuna's states
+        assert len(rows(out, name)) == 1  # its summary line
+    assert re.search(r"^trials to the first learned config, service / random: [\d.]+ \((meets|misses) the target", out, re.M)

@@ -118,13 +118,14 @@ def check_storage(s: S.Settings) -> None:
         C.check_creatable(s.storage_path, "storage")
 
 
-def make_trainable(s: S.Common, kind: Kind):
+def make_trainable(s: S.Common, kind: Kind, hooks_class=None):
+    """The trial function; `hooks_class` (a TuneHooks subclass) is for bench/overhead.py only."""
     from ray import tune
 
-    from gopc.sweep.trainable import run_trial
+    from gopc.sweep.trainable import TuneHooks, run_trial
     return tune.with_resources(
         tune.with_parameters(run_trial, bases=s.bases, metric=s.metric, penalty=s.penalty,
-                             report_every=s.report_every, test=kind.test),
+                             report_every=s.report_every, test=kind.test, hooks_class=hooks_class or TuneHooks),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
@@ -165,7 +166,9 @@ def sweep_setup(s: S.Settings):
     return config, None, {p.name: p.name.split(".")[1] for p in s.space if not p.when}
 
 
-def build_tuner(s: S.Common, parent_run_id: str, kind: Kind):
+def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, tracked: bool = True):
+    """The sweep's Tuner. bench/overhead.py alone passes `hooks_class` (per-iteration costs switched off)
+    and `tracked=False` (no MLflow callback), to measure what each costs; the service uses the defaults."""
     from ray import tune
 
     from gopc.sweep.tracking import SweepTracker
@@ -173,7 +176,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind):
     steps = C.from_dict(s.base).train.steps
     tune_config, param_space, columns = kind.tune_setup(s)
     return tune.Tuner(
-        make_trainable(s, kind), param_space=param_space, tune_config=tune_config,
+        make_trainable(s, kind, hooks_class), param_space=param_space, tune_config=tune_config,
         run_config=tune.RunConfig(
             name=s.name, storage_path=s.storage_path, verbose=1,
             progress_reporter=tune.CLIReporter(
@@ -182,7 +185,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind):
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps, pending_path(s))]),
+            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps, pending_path(s))] if tracked else []),
     )
 
 

@@ -30,6 +30,11 @@ class TuneHooks(Hooks):
         self.last_report: dict = {}
         self.checkpoint: str | None = None
 
+    def schedule(self, t, report_every: int) -> None:
+        """Validate and checkpoint at every Tune iteration (`t` is the trial's train config); a restarted
+        trial resumes from the last one. bench/overhead.py's subclasses change this, one cost at a time."""
+        t.eval_every, t.ckpt_every, t.log_every = report_every, report_every, report_every
+
     def metrics(self, step, metrics, checkpoint):
         self.last_train = {f"train/{k}": v for k, v in metrics.items()}
         self.checkpoint = checkpoint or self.checkpoint
@@ -56,11 +61,10 @@ class TuneHooks(Hooks):
         return tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.run_dir))
 
 
-def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_every: int, test: bool = False) -> None:
+def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_every: int, test: bool = False,
+              hooks_class: type[TuneHooks] = TuneHooks) -> None:
     cfg = trial_config(bases, config)
     t = cfg.train
-    # Validate and checkpoint at every Tune iteration; a restarted trial resumes from the last one.
-    t.eval_every, t.ckpt_every, t.log_every = report_every, report_every, report_every
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
@@ -70,7 +74,8 @@ def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_eve
         restored.to_directory(run_dir)
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
-    hooks = TuneHooks(metric, penalty, run_dir, t.learned_margin)
+    hooks = hooks_class(metric, penalty, run_dir, t.learned_margin)
+    hooks.schedule(t, report_every)
     result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False)
     if test and result.status == "completed":
         metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))
