@@ -71,6 +71,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """What a trial needs, for choosing `resources.gpu`: on a GPU the most memory torch's allocator has
+    held on it since the run started (reserved, not just allocated: that is what other trials packed on
+    the GPU cannot use; the CUDA context's few hundred MB come on top); on a CPU the process's peak
+    resident memory, which a reused Ray worker carries over from its earlier trials."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def batch_indices(seed: int, n: int, batch: int, step: int) -> np.ndarray:
     """The batch of step `step`: a fixed permutation per (seed, epoch), so resume needs only the step."""
     per_epoch = max(n // batch, 1)
@@ -220,6 +231,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     data = build_datasets(cfg.data)  # before anything is written: a bad data path leaves nothing behind
     train_set, val_set = data["train"], data["val"][: t_cfg.eval_size]
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=t_cfg.lr_decay)
@@ -304,7 +317,8 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 # .item() syncs: on log steps only
                 metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
                            "beta": beta, "lr": sched.get_last_lr()[0],
-                           "seq_per_s": x.shape[0] / (time.perf_counter() - t0), **stats}
+                           "seq_per_s": x.shape[0] / (time.perf_counter() - t0),
+                           "peak_mem_mb": peak_memory_mb(device), **stats}
                 bar.set_postfix(loss=f"{metrics['loss']:.1f}", gnorm=f"{stats['grad_norm']:.2g}")
                 hooks.metrics(step + 1, metrics, saved)
             if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:

@@ -48,6 +48,8 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
         assert "objective" not in child.data.metrics  # one name: val/prior/mse; never the penalty
         for key in child.data.metrics:
             assert settings.penalty not in [m.value for m in client.get_metric_history(child.info.run_id, key)], key
+        if "train/loss" in child.data.metrics:  # for choosing resources.gpu: what a trial's process held at most
+            assert 50 < child.data.metrics["train/peak_mem_mb"] < 20_000
         if "val/prior/mse" in child.data.metrics:  # validated: its grids at each validation, for the Image grid
             images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
             validations = client.get_metric_history(child.info.run_id, "val/prior/mse")

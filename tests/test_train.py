@@ -57,6 +57,7 @@ def test_gopc1_trains_and_logs_everything_to_mlflow(tmp_path, monkeypatch, capsy
     assert len(curves["posterior"]["mse"]) == 6 and len(curves["prior"]["ssim"]) == 5  # per step, t >= 1 for the prior
     logged_cfg = C.from_dict(yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml"))))
     assert logged_cfg == C.from_dict(TINY)  # the saved file alone reproduces the run
+    assert 50 < run.data.metrics["train/peak_mem_mb"] < 20_000  # the process's peak resident memory on a CPU
     assert "system/cpu_utilization_percentage" in run.data.metrics and "system/system_memory_usage_megabytes" in run.data.metrics
     (data,) = client.get_run(run.info.run_id).inputs.dataset_inputs  # the data config as a dataset input
     assert data.dataset.name == "smooth-mnist-32px-6f-1digit" and '"data.n_train": "512"' in data.dataset.source
