@@ -71,3 +71,13 @@ def test_search_efficiency_prints_each_searcher():
         assert re.search(r"\s[lcdse]{3}\s+\{'", row), row  # three trials, each with an outcome, then Optuna's states
         assert len(rows(out, name)) == 1  # its summary line
     assert re.search(r"^trials to the first learned config, service / random: [\d.]+ \((meets|misses) the target", out, re.M)
+
+
+def test_packing_prints_a_row_per_pack_with_each_trials_peak_memory():
+    out = run_bench("packing.py", timeout=600)  # two service sweeps of tiny trials, packs of 1 and 2
+    assert re.search(r"^trials\s+gpu each\s+seq/s total\s+seq/s a trial\s+vs 1 trial\s+peak MB a trial\s+diverged$", out, re.M)
+    for k in ("1", "2"):
+        (row,) = rows(out, k)
+        cells = row.split()
+        assert cells[1] == "-" and float(cells[2]) > 0 and 50 < float(cells[5]) < 20_000 and cells[6] == "0", row
+    assert re.search(r"^best: [\d.]+ sequences/s in total with [12] trial\(s\) \(the target of 1,500 is for an H100\)$", out, re.M)
