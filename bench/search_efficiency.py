@@ -16,8 +16,8 @@ same seed; trials run one at a time, so each proposal has seen every earlier res
 - plain: Ray's OptunaSearch(space, metric, mode, seed) as Ray's examples wire it; a diverged trial reports
   its metric as it is, NaN (the guard still stops it in the same step, so it costs what it costs above).
 - random: Ray's OptunaSearch with Optuna's RandomSampler(seed).
-- service@K (only when asked, --searchers): the service's searcher with TPE's n_startup_trials = K
-  instead of Optuna's 10 (TPE samples at random until that many trials are complete).
+- service@K (only when asked, --searchers): the service's searcher with `n_startup_trials` = K instead of
+  its default, 5 (TPE samples at random until that many trials are complete; Optuna's own default is 10).
 
 Per run: the trials until the first *learned* one (gopc/evaluate.py outcome(): the one-step prior beats
 both trivial predictions by train.learned_margin), until the first *finite* one (trained to the end
@@ -44,7 +44,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from gopc import config as C  # noqa: E402
 from gopc.sweep import run as R, settings as S  # noqa: E402
-from gopc.sweep.searcher import DivergenceAwareOptunaSearch, trial_status  # noqa: E402
+from gopc.sweep.searcher import trial_status  # noqa: E402
 from gopc.sweep.space import SearchSpace  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
@@ -75,14 +75,11 @@ def settings(problem: dict, folder: str, seed: int, n: int) -> S.Settings:
 
 
 def searcher(name: str, s: S.Settings):
-    if name == "service":
+    if name.startswith("service"):
+        if "@" in name:
+            s.n_startup_trials = int(name.split("@")[1])
         return R.make_searcher(s, [])
     space = SearchSpace(s.space)
-    if name.startswith("service@"):
-        base = C.from_dict(s.base)
-        tpe = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=int(name.split("@")[1]))
-        return DivergenceAwareOptunaSearch(space, metric="objective", mode=s.mode, sampler=tpe,
-                                           total_steps=base.train.steps, margin=base.train.learned_margin)
     if name == "plain":
         return OptunaSearch(space, metric="objective", mode=s.mode, seed=s.seed)
     return OptunaSearch(space, metric="objective", mode=s.mode, sampler=optuna.samplers.RandomSampler(seed=s.seed))

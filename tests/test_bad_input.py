@@ -634,6 +634,8 @@ ROWS = [
 
     # ---- sweep settings that used to fail only after Ray had started (parent run left RUNNING)
     Row("sweep-negative-seed", "--set seed=-1", settings_with("seed=-1"), ("sweep.seed", "below the minimum 0")),
+    Row("sweep-no-startup-trials", "--set n_startup_trials=0", settings_with("n_startup_trials=0"),
+        ("sweep.n_startup_trials", "below the minimum 1")),
     Row("sweep-storage-under-file", "--set storage=blocker/results, blocker is a file",
         sweep("--config", SWEEP_YAML, "--preset", "smoke", "--set", "storage=blocker/results", files={"blocker": "x"}),
         ("storage", "blocker is a file")),

@@ -131,10 +131,13 @@ def make_trainable(s: S.Common, kind: Kind, hooks_class=None):
 
 def make_searcher(s: S.Settings, start_points: list):
     """The searcher on the sweep's study (created, or loaded as it is); `start_points` are queued in it."""
+    import optuna
+
     from gopc.sweep.searcher import DivergenceAwareOptunaSearch, open_storage
     from gopc.sweep.space import SearchSpace
     base = C.from_dict(s.base)
-    return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, seed=s.seed,
+    tpe = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, sampler=tpe,
                                        total_steps=base.train.steps, margin=base.train.learned_margin,
                                        points_to_evaluate=start_points or None,
                                        storage=open_storage(s.study_storage), study_name=s.name)

@@ -83,6 +83,10 @@ class Common:
 class Settings(Common):
     num_samples: int = C.bounded(32, 1)
     seed: int = C.bounded(0, 0)  # Optuna's sampler refuses a negative seed, but only once Ray runs
+    # TPE samples at random until this many trials are complete (start points count). Optuna's 10 made
+    # the searcher no better than random search before its 11th trial; 5 found a learned config in
+    # fewer trials on every seed of bench/search_efficiency.py (docs/performance.md).
+    n_startup_trials: int = C.bounded(5, 1)
     scheduler: Scheduler = field(default_factory=Scheduler)
     start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
     space: list[Param] = field(default_factory=list)
