@@ -190,7 +190,8 @@ class CpuMeter(threading.Thread):
 
 
 def measure(variant: str, a) -> dict:
-    with tempfile.TemporaryDirectory(prefix="gopc_overhead_") as folder:
+    # in the folder: MLflow puts a SQLite store's artifacts in ./mlruns, which would outlive the folder
+    with tempfile.TemporaryDirectory(prefix="gopc_overhead_") as folder, contextlib.chdir(folder):
         s = settings(a, folder)
         tuner_ = tuner(variant, s)
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; this script's table is stdout

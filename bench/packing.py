@@ -63,7 +63,8 @@ def steady_rate(result, batch: int) -> float:
 
 def measure(a, k: int) -> dict:
     from gopc.sweep.parent_run import start_parent
-    with tempfile.TemporaryDirectory(prefix="gopc_packing_") as folder:
+    # in the folder: MLflow puts a SQLite store's artifacts in ./mlruns, which would outlive the folder
+    with tempfile.TemporaryDirectory(prefix="gopc_packing_") as folder, contextlib.chdir(folder):
         s = settings(a, k, folder)
         parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, R.sweep_params(s), "")
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; this script's table is stdout

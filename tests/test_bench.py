@@ -10,10 +10,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def checkout_files() -> set[str]:
+    """The checkout's top-level names and whatever MLflow's default artifact folder holds."""
+    return set(os.listdir(ROOT)) | {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "mlruns")) for f in fs}
+
+
 def run_bench(script: str, timeout: float = 120) -> str:
+    before = checkout_files()
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke"], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert checkout_files() == before, checkout_files() ^ before  # run from the checkout, it leaves nothing there
     return proc.stdout
 
 
