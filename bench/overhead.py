@@ -70,7 +70,7 @@ class NoValidation(TuneHooks):
         # the iteration's report without a validation: its objective is the training loss, as the bare
         # loop's; the searcher reads only a trial's last result, which is always a validation
         if step % self.every == 0 and step < self.steps:
-            self._report({**self.last_train, "step": step, "objective": metrics["loss"]},
+            self.report({**self.last_train, "step": step, "objective": metrics["loss"]},
                          with_checkpoint=self.checkpoint is not None)
 
 

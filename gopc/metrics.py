@@ -94,11 +94,6 @@ def curve(per_frame: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     return {name: values.detach().double().mean(dim=0).tolist() for name, values in per_frame.items()}
 
 
-def blank_frame_scores(target: torch.Tensor) -> dict[str, float]:
-    """Summary for an all-zero prediction: the baseline a model must beat (MNIST in 64x64: mse about 0.02)."""
-    return summarise(frame_metrics(torch.zeros_like(target), target))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Trivial predictions and skill: a model is judged against what predicting nothing already scores.
 

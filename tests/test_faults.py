@@ -268,7 +268,7 @@ def test_optuna_never_sees_nan(tmp_path):
     from gopc.sweep.trainable import TuneHooks
     reports = []
     hooks = TuneHooks("prior/mse", 1e6, str(tmp_path), margin=0.1)
-    hooks._report = lambda metrics, with_checkpoint: reports.append(metrics)
+    hooks.report = lambda metrics, with_checkpoint: reports.append(metrics)
     hooks.evaluated(10, {"prior/mse": float("nan")}, {})
     assert reports[0]["objective"] == 1e6
     study = optuna.create_study()

@@ -45,16 +45,17 @@ class TuneHooks(Hooks):
         report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
                   "objective": objective if finite else self.penalty, "diverged": 0.0,
                   "learned": float(outcome(metrics, self.margin) == "learned")}
-        self._report(report, with_checkpoint=self.checkpoint is not None)
+        self.report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
         # last_train holds the last finite step's loss and norms (train.py reports them just before)
-        self._report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
+        self.report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
                       "diverged_step": record.step, "diverged_quantity": record.quantity,
                       "diverged_frame": -1 if record.frame is None else record.frame,
                       "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
 
-    def _report(self, metrics, with_checkpoint):
+    def report(self, metrics, with_checkpoint):
+        """Tells Tune; with the run folder as the checkpoint when it holds a new one (or must: the end)."""
         self.checkpoint, self.last_report = None, metrics
         if not with_checkpoint:
             return tune.report(metrics)
@@ -79,4 +80,4 @@ def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_eve
     result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False)
     if test and result.status == "completed":
         metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))
-        hooks._report({**hooks.last_report, **{f"test/{k}": v for k, v in metrics.items()}}, with_checkpoint=True)
+        hooks.report({**hooks.last_report, **{f"test/{k}": v for k, v in metrics.items()}}, with_checkpoint=True)
