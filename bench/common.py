@@ -6,9 +6,11 @@ step when one is given).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -17,6 +19,8 @@ import torch
 from gopc import config as C
 from gopc.data import load_digits, make_sequences, to_float
 from gopc.guard import Guard
+
+SWEEP_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "gopc2_stability.yaml")
 
 # The stabilizers that keep GOPC-2 finite for timing: at the defaults it diverges in its first step.
 GOPC2_STABLE = ["stab.out_act=sigmoid", "stab.inner_lr_h=0.1"]
@@ -110,3 +114,40 @@ def device_name(device) -> str:
     except (OSError, StopIteration):
         pass
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep benches (overhead, search_efficiency, packing): the service's own settings and Tuner.
+
+@contextlib.contextmanager
+def sweep_folder(prefix: str):
+    """A temporary folder for one sweep's results and databases, made the working directory while it
+    runs: MLflow puts a SQLite store's artifacts in ./mlruns, which would otherwise outlive the folder."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder, contextlib.chdir(folder):
+        yield folder
+
+
+def sweep_settings(folder: str, name: str, preset: str | None, sets: list[str], seeds: int | None = None):
+    """sweeps/gopc2_stability.yaml with its results and databases in `folder`, FIFO. seeds=k: k trials
+    that differ only by train.seed (0..k-1, as start points); None: the sweep's space, no start points."""
+    from gopc.sweep import settings as S
+    raw = C.load_yaml(SWEEP_YAML)
+    raw["start_points"] = [{"train.seed": i} for i in range(seeds or 0)]
+    if seeds is not None:
+        raw["space"] = {"train.seed": {"choices": list(range(seeds))}}
+    return S.parse(raw, preset, [f"name={name}", f"storage={folder}/sweep_results",
+                                 f"tracking_uri=sqlite:///{folder}/mlflow.db", "scheduler.type=fifo", *sets])
+
+
+def service_tuner(s, hooks_class=None, tracked: bool = True):
+    """The sweep's own Tuner, with its MLflow parent run when tracked, as gopc/sweep/run.py builds it."""
+    from gopc.sweep import run as R
+    from gopc.sweep.parent_run import start_parent
+    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, R.sweep_params(s), "") if tracked else ""
+    return R.build_tuner(s, parent, R.SWEEP, hooks_class=hooks_class, tracked=tracked)
+
+
+def start_ray(num_cpus: int, num_gpus: int = 0) -> None:
+    import ray
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+             log_to_driver=False)  # a Ray of its own: never another's

@@ -32,7 +32,6 @@ import datetime
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 
@@ -41,12 +40,11 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
-from gopc import config as C  # noqa: E402
-from gopc.sweep import run as R, settings as S  # noqa: E402
+from gopc.sweep import settings as S  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
+from common import service_tuner, start_ray, sweep_folder, sweep_settings  # noqa: E402
+
 STABLE = {"stab.out_act": "sigmoid", "stab.inner_lr_h": 0.1}
 
 
@@ -118,13 +116,9 @@ def bare_trial(config: dict, base: dict, report_every: int, metric: str) -> None
 
 
 def settings(a, folder: str) -> S.Settings:
-    raw = C.load_yaml(SWEEP_YAML)
-    raw["space"] = {"train.seed": {"choices": list(range(a.trials))}}
-    raw["start_points"] = [{"train.seed": i} for i in range(a.trials)]
-    sets = ["name=overhead", f"storage={folder}/sweep_results", f"tracking_uri=sqlite:///{folder}/mlflow.db",
-            f"num_samples={a.trials}", "max_concurrent=1", "scheduler.type=fifo", f"report_every={a.report_every}",
-            f"base.train.steps={a.steps}", *(f"base.{k}={v}" for k, v in STABLE.items()), *a.set]
-    return S.parse(raw, "smoke", sets)
+    return sweep_settings(folder, "overhead", "smoke", [
+        f"num_samples={a.trials}", "max_concurrent=1", f"report_every={a.report_every}", f"base.train.steps={a.steps}",
+        *(f"base.{k}={v}" for k, v in STABLE.items()), *a.set], seeds=a.trials)
 
 
 def tuner(variant: str, s: S.Settings):
@@ -140,10 +134,8 @@ def tuner(variant: str, s: S.Settings):
         return tune.Tuner(trainable, tune_config=tune.TuneConfig(
             search_alg=searcher, num_samples=s.num_samples, max_concurrent_trials=1),
             run_config=tune.RunConfig(name=s.name, storage_path=s.storage_path, verbose=0))
-    from gopc.sweep.parent_run import start_parent
     hooks, tracked = VARIANTS[variant]
-    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, R.sweep_params(s), "") if tracked else ""
-    return R.build_tuner(s, parent, R.SWEEP, hooks_class=hooks, tracked=tracked)
+    return service_tuner(s, hooks, tracked)
 
 
 def tree_ticks() -> dict[int, int]:
@@ -190,8 +182,7 @@ class CpuMeter(threading.Thread):
 
 
 def measure(variant: str, a) -> dict:
-    # in the folder: MLflow puts a SQLite store's artifacts in ./mlruns, which would outlive the folder
-    with tempfile.TemporaryDirectory(prefix="gopc_overhead_") as folder, contextlib.chdir(folder):
+    with sweep_folder("gopc_overhead_") as folder:
         s = settings(a, folder)
         tuner_ = tuner(variant, s)
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; this script's table is stdout
@@ -224,7 +215,7 @@ def main(argv=None) -> int:
         a.set += ["base.data.frame_size=32", "base.data.seq_len=4", "base.data.n_train=16", "base.data.n_val=4",
                   "base.train.batch_size=4", "base.train.eval_size=4"]
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another's Ray
+    start_ray(2)
     try:
         if not a.smoke:  # the first fit of a Ray session pays for more than its trials (caches, prestarted workers)
             measure(next(iter(VARIANTS)), argparse.Namespace(**{**vars(a), "trials": 1, "steps": a.report_every}))

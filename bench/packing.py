@@ -20,36 +20,28 @@ import contextlib
 import datetime
 import os
 import sys
-import tempfile
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import torch  # noqa: E402
 
-from gopc import config as C  # noqa: E402
-from gopc.sweep import run as R, settings as S  # noqa: E402
+from gopc.sweep import settings as S  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import LABELS, MODELS, device_name, pick_device  # noqa: E402
+from common import (LABELS, MODELS, device_name, pick_device, service_tuner, start_ray, sweep_folder,  # noqa: E402
+                    sweep_settings)  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 TARGET = 1500  # sequences/s in total on a packed H100 (issue 12)
 SMOKE = ["base.data.n_val=4", "base.train.eval_size=4", "base.model.r_dim=8", "base.model.ngf=4"]
 
 
 def settings(a, k: int, folder: str) -> S.Settings:
-    raw = C.load_yaml(SWEEP_YAML)
-    raw["space"] = {"train.seed": {"choices": list(range(k))}}
-    raw["start_points"] = [{"train.seed": i} for i in range(k)]
     gpu = 1 / k if torch.cuda.is_available() else 0
-    sets = [f"name=packing_{k}", f"storage={folder}/sweep_results", f"tracking_uri=sqlite:///{folder}/mlflow.db",
-            f"num_samples={k}", f"max_concurrent={k}", "scheduler.type=fifo", f"report_every={a.report_every}",
-            f"resources.gpu={gpu}", f"resources.cpu={a.cpus / k}", f"base.model.kind={a.model}",
-            f"base.data.frame_size={a.frame}", f"base.data.seq_len={a.seq}", f"base.train.batch_size={a.batch}",
-            f"base.train.steps={a.steps}", f"base.data.n_train={a.n_train}", "base.data.n_val=100",
-            *(f"base.{kv}" for kv in MODELS[a.model]), *(SMOKE if a.smoke else []), *a.set]
-    return S.parse(raw, None, sets)
+    return sweep_settings(folder, f"packing_{k}", None, [
+        f"num_samples={k}", f"max_concurrent={k}", f"report_every={a.report_every}",
+        f"resources.gpu={gpu}", f"resources.cpu={a.cpus / k}", f"base.model.kind={a.model}",
+        f"base.data.frame_size={a.frame}", f"base.data.seq_len={a.seq}", f"base.train.batch_size={a.batch}",
+        f"base.train.steps={a.steps}", f"base.data.n_train={a.n_train}", "base.data.n_val=100",
+        *(f"base.{kv}" for kv in MODELS[a.model]), *(SMOKE if a.smoke else []), *a.set], seeds=k)
 
 
 def steady_rate(result, batch: int) -> float:
@@ -62,13 +54,11 @@ def steady_rate(result, batch: int) -> float:
 
 
 def measure(a, k: int) -> dict:
-    from gopc.sweep.parent_run import start_parent
-    # in the folder: MLflow puts a SQLite store's artifacts in ./mlruns, which would outlive the folder
-    with tempfile.TemporaryDirectory(prefix="gopc_packing_") as folder, contextlib.chdir(folder):
+    with sweep_folder("gopc_packing_") as folder:
         s = settings(a, k, folder)
-        parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, R.sweep_params(s), "")
+        tuner = service_tuner(s)
         with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; this script's table is stdout
-            results = R.build_tuner(s, parent, R.SWEEP).fit()
+            results = tuner.fit()
     if results.errors:
         raise RuntimeError(f"{k} trials: {results.errors[0]}")
     diverged = sum(bool(r.metrics.get("diverged")) for r in results)
@@ -93,8 +83,7 @@ def main(argv=None) -> int:
     if a.smoke:
         a.packs, a.frame, a.seq, a.batch, a.steps, a.report_every, a.n_train, a.cpus = "1,2", 32, 4, 4, 6, 2, 16, 2
     import ray
-    ray.init(address="local", num_cpus=a.cpus, num_gpus=torch.cuda.device_count(), include_dashboard=False,
-             log_to_driver=False)  # never another's Ray
+    start_ray(a.cpus, torch.cuda.device_count())
     try:
         rows = [(k, measure(a, k)) for k in map(int, a.packs.split(","))]
     finally:

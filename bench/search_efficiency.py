@@ -33,7 +33,6 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
@@ -48,8 +47,8 @@ from gopc.sweep.searcher import trial_status  # noqa: E402
 from gopc.sweep.space import SearchSpace  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
+from common import start_ray, sweep_folder, sweep_settings  # noqa: E402
+
 # On the smoke preset's model and data: frames, sequence length and steps, chosen so that random
 # configurations of the sweep's space diverge often and a few learn (docs/performance.md).
 PROBLEM = {"base.data.frame_size": 64, "base.data.seq_len": 10, "base.train.steps": 100}
@@ -66,12 +65,9 @@ class NaNOnDivergence(TuneHooks):
 
 
 def settings(problem: dict, folder: str, seed: int, n: int) -> S.Settings:
-    raw = C.load_yaml(SWEEP_YAML)
-    raw["start_points"] = []
-    sets = [f"name=search_s{seed}", f"storage={folder}/sweep_results", f"tracking_uri=sqlite:///{folder}/mlflow.db",
-            f"num_samples={n}", "max_concurrent=1", "scheduler.type=fifo", f"seed={seed}",
-            f"report_every={problem['base.train.steps']}", *(f"{k}={v}" for k, v in problem.items())]
-    return S.parse(raw, "smoke", sets)
+    return sweep_settings(folder, f"search_s{seed}", "smoke", [
+        f"num_samples={n}", "max_concurrent=1", f"seed={seed}", f"report_every={problem['base.train.steps']}",
+        *(f"{k}={v}" for k, v in problem.items())])
 
 
 def searcher(name: str, s: S.Settings):
@@ -86,7 +82,7 @@ def searcher(name: str, s: S.Settings):
 
 
 def search(name: str, problem: dict, seed: int, n: int) -> dict:
-    with tempfile.TemporaryDirectory(prefix="gopc_search_") as folder:
+    with sweep_folder("gopc_search_") as folder:
         s = settings(problem, folder, seed, n)
         alg = searcher(name, s)
         hooks = NaNOnDivergence if name == "plain" else None
@@ -158,7 +154,7 @@ def main(argv=None) -> int:
     problem.update(item.split("=", 1) for item in a.set)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     import ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never another's Ray
+    start_ray(2)
     runs = []
     try:
         for seed in seeds:

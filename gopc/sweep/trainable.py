@@ -50,9 +50,9 @@ class TuneHooks(Hooks):
     def diverged(self, record, run_dir):
         # last_train holds the last finite step's loss and norms (train.py reports them just before)
         self.report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
-                      "diverged_step": record.step, "diverged_quantity": record.quantity,
-                      "diverged_frame": -1 if record.frame is None else record.frame,
-                      "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
+                     "diverged_step": record.step, "diverged_quantity": record.quantity,
+                     "diverged_frame": -1 if record.frame is None else record.frame,
+                     "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
 
     def report(self, metrics, with_checkpoint):
         """Tells Tune; with the run folder as the checkpoint when it holds a new one (or must: the end)."""
