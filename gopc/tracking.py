@@ -178,9 +178,12 @@ class MlflowHooks(Hooks):
         self.run_dir = run_dir
 
     def _log(self, step, metrics):
+        # each (key, step) once: a resumed run repeats the steps after its checkpoint, a diverged one
+        # reports its last finite step again at the divergence
         new = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
         if new:
             self.mlflow.log_metrics(new, step=step)
+            self.logged.update(dict.fromkeys(new, step))
 
     def metrics(self, step, metrics, checkpoint):
         self._log(step, {f"train/{k}": v for k, v in metrics.items()})

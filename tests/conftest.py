@@ -3,7 +3,9 @@ file, behind. Only this session's processes count: those that inherited its mark
 (everything a test starts, Ray's workers included) or that run from this checkout. Processes already
 running before the session, and those of other sessions or checkouts on the same machine (another
 engineer's sweep, a second test run), are not this suite's to judge."""
+import contextlib
 import os
+import sqlite3
 import subprocess
 import time
 
@@ -50,6 +52,36 @@ def nothing_left_behind():
         time.sleep(1)
     assert not left, f"processes left behind: {left}"
     assert had_address_file or not os.path.exists(ADDRESS_FILE), f"stale {ADDRESS_FILE} left behind"
+
+
+def wait_for(predicate, timeout: float, every: float = 0.05):
+    """Polls `predicate` until it is true or `timeout` seconds have passed; returns its last value. For
+    waiting on a file, a database row or a process: a deadline, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
+
+
+def duplicate_metric_rows(db) -> list[tuple]:
+    """(run, key, step, count) of every metric step an MLflow database holds more than once."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as con:
+        tables = {name for (name,) in con.execute("select name from sqlite_master where type = 'table'")}
+        if not {"metrics", "experiments"} <= tables:
+            return []  # not MLflow's (an Optuna study, a test's own file)
+        return con.execute("select run_uuid, key, step, count(*) from metrics group by run_uuid, key, step "
+                           "having count(*) > 1 limit 10").fetchall()
+
+
+@pytest.fixture(autouse=True)
+def no_metric_step_twice(tmp_path_factory):
+    """Every test that writes MLflow (a sweep, a study, gopc train) leaves no (run, key, step) twice in
+    any tracking database it wrote, wherever under the session's temporary folder that lies."""
+    start = time.time()
+    yield
+    for db in tmp_path_factory.getbasetemp().rglob("*.db"):
+        if db.is_file() and db.stat().st_mtime >= start - 1:
+            assert not (dup := duplicate_metric_rows(db)), f"{db}: metric steps logged twice: {dup}"
 
 
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")

@@ -78,6 +78,17 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
     return run.info.run_id
 
 
+def kill_parent(uri: str, parent: str) -> None:
+    """An interrupted experiment's parent: KILLED, its status tag `interrupted`; --resume sets it RUNNING."""
+    try:
+        client = mlflow.MlflowClient(uri)
+        client.set_tag(parent, "status", "interrupted")
+        client.set_terminated(parent, "KILLED")
+    except Exception as e:  # noqa: BLE001: the stop goes on; --resume marks the parent again
+        print(f"MLflow at {uri} unreachable ({type(e).__name__}); the parent run is still marked RUNNING",
+              file=sys.stderr)
+
+
 def finish_parent(uri: str, parent: str, files: dict[str, str], metrics: dict[str, float], description: str,
                   best_trial: str = "", table: list[dict] | None = None, wait_s: float = 120) -> bool:
     """Log the summary on the parent run, retrying while the server is away. False if it never came back.
@@ -102,7 +113,9 @@ def _finish_parent(uri, parent, files, metrics, description, best_trial, table) 
     if table:
         columns = sorted({k for row in table for k in row})
         client.log_table(parent, {c: [str(row.get(c, "")) for row in table] for c in columns}, "trials_table.json")
-    finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    held = client.get_run(parent).data.metrics  # a summary logged before (a resumed, finished sweep): once
+    finite = {k: float(v) for k, v in metrics.items()
+              if isinstance(v, (int, float)) and math.isfinite(v) and k not in held}
     client.log_batch(parent, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in finite.items()])
     tags = {"status": "completed", "summary": json.dumps(metrics)[:4000], MLFLOW_RUN_NOTE: description}
     if best_trial:

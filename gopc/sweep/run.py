@@ -23,9 +23,12 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # driver queues what it cannot write (gopc/sweep/tracking.py) and tries again later.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+# SIGINT and SIGTERM are gopc/sweep/interrupt.py's, which hands the first to Tune's stop itself.
+os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
 from gopc import config as C
 from gopc.errors import ConfigError, GopcError
+from gopc.sweep import interrupt
 from gopc.sweep import settings as S
 
 
@@ -38,8 +41,10 @@ class Kind:
     tune_setup: Callable  # (settings) -> (TuneConfig, param_space or None, parameter columns for the progress table)
     summarise: Callable  # (settings, results, parent_run_id) -> ["label: path", ...] for the end of the output
     parent_params: Callable  # (settings) -> params of the MLflow parent run
+    n_trials: Callable  # (settings) -> how many trials the experiment runs
     searched: bool  # Tune's snapshot holds an Optuna searcher, which --resume aligns with the trial list
     test: bool = False  # trials are evaluated on the test split at the end (a study's verdict)
+    noun: str = "sweep"  # what the user calls it
 
 
 def parse_args(argv, default_config: str, kind: "Kind"):
@@ -188,16 +193,26 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps, pending_path(s))] if tracked else []),
+            callbacks=[interrupt.StopOnSignal()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
+                                                                  pending_path(s))] if tracked else [])),
     )
 
 
-def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
-    """Runs the experiment; returns the lines that say where to look, then the parent run's id."""
+class Interrupted(Exception):
+    """A signal stopped the experiment; the message is the one line the driver prints."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: str = "") -> list[str]:
+    """Runs the experiment; returns the lines that say where to look, then the parent run's id. Raises
+    Interrupted after a SIGINT or SIGTERM, the experiment's state saved and its runs marked."""
     from ray import tune
 
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
-    from gopc.sweep.parent_run import start_parent
+    from gopc.sweep.parent_run import kill_parent, start_parent
 
     check_storage(s)
     exists = tune.Tuner.can_restore(s.experiment_path)
@@ -210,7 +225,10 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
     if kind.searched and not resume:
         check_new_study(s)
     connect_ray()
+    interrupt.install(kind.prog)  # again: ray.init installs a SIGTERM handler that aborts the driver
     check_resources(s)
+    if sig := interrupt.received():  # before anything was written: the same command starts it
+        raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped before it started; nothing was written")
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml,
                           saved_view(s, kind))
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
@@ -223,7 +241,17 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind) -> list[str]:
     else:
         tuner = build_tuner(s, parent, kind)
     results = tuner.fit()
+    if sig := interrupt.received():  # Tune saved its state; no summary or verdict of an incomplete run
+        kill_parent(s.mlflow_uri, parent)
+        done = sum(bool((r.metrics or {}).get("done")) or r.error is not None for r in results)
+        raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped with {done} of {kind.n_trials(s)} trials "
+                               f"finished; state saved, resume with: {resume_command}")
     return kind.summarise(s, results, parent) + [parent]
+
+
+def _name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
 
 
 def saved_view(s: S.Common, kind: Kind) -> tuple[list[str], str | None]:
@@ -253,7 +281,15 @@ def _summarise_sweep(s, results, parent):
 
 
 SWEEP = Kind("gopc2_stability", "Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow",
-             S.load, sweep_setup, _summarise_sweep, sweep_params, searched=True)
+             S.load, sweep_setup, _summarise_sweep, sweep_params, lambda s: s.num_samples, searched=True)
+
+
+def resume_command(kind: Kind, argv) -> str:
+    """The command that continues this experiment: the same script and arguments, with --resume."""
+    import shlex
+    script = sys.argv[0] if sys.argv[0].endswith(".py") else f"sweeps/{kind.prog}.py"
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--resume"]
+    return shlex.join(["python", script, *args, "--resume"])
 
 
 def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
@@ -262,10 +298,14 @@ def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: K
         args = parse_args(argv, default_config, kind)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
         s = kind.load(args.config, args.preset, args.set)
-        where = run(s, args.resume, raw_yaml, kind)
+        with interrupt.catching(kind.prog):
+            where = run(s, args.resume, raw_yaml, kind, resume_command(kind, argv))
     except GopcError as e:
         print(f"{kind.prog}: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"{kind.prog}: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     uri = s.mlflow_uri
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite")
           else f"open {uri} (on a cluster: ray dashboard cluster/gpu.yaml --port 5000 --remote-port 5000)")

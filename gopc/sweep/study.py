@@ -137,5 +137,6 @@ def summarise(s: StudySettings, results, parent: str) -> list[str]:
 def main(argv=None, default_config: str = "sweeps/gopc2_study.yaml") -> int:
     from gopc.sweep.run import Kind, main as run_main
     kind = Kind("gopc2_study", "Final training: every arm over every seed on Ray, then the verdict on the test split",
-                load, tune_setup, summarise, parent_params, searched=False, test=True)
+                load, tune_setup, summarise, parent_params, lambda s: len(s.arm_configs) * len(s.seeds),
+                searched=False, test=True, noun="study")
     return run_main(argv, default_config, kind)

@@ -30,7 +30,7 @@ DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_
 LOGGED = ("diverged", "learned", "diverged_step", "max_grad_norm_before")
 # The MLflow status each outcome ends in, so the runs table shows it by its icon.
 RUN_STATUS = {"learned": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
-              "stopped early": "KILLED"}
+              "stopped early": "KILLED", "interrupted": "KILLED"}  # interrupted: a signal to the driver
 GRIDS = ("inference", "rollout")  # eval/*.png drawn at every validation, logged as MLflow images
 
 
@@ -60,6 +60,7 @@ class SweepTracker(tune.Callback):
         self._checkpoints: dict[str, object] = {}
         self._logged: dict[str, dict[str, int]] = {}  # trial id -> metric -> last step in MLflow
         self._imaged: dict[str, int] = {}  # trial id -> step of the grids last queued
+        self._open: set[str] = set()  # trials started and not finished: at the experiment's end, interrupted
         self._pending: list[tuple[str, str, dict]] = load_pending(self.pending_path)
         self._retry_at, self._outage = 0.0, False
 
@@ -79,6 +80,7 @@ class SweepTracker(tune.Callback):
 
     # Tune's hooks: queue, then try to write --------------------------------------------------------
     def on_trial_start(self, iteration, trials, trial, **info):
+        self._open.add(trial.trial_id)
         self.submit("start", trial, {})
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -110,9 +112,13 @@ class SweepTracker(tune.Callback):
         self._finish(trial, "errored")
 
     def on_experiment_end(self, trials, **info):
+        for trial in trials:  # still open when the experiment ends: a signal stopped it (--resume goes on)
+            if trial.trial_id in self._open:
+                self._finish(trial, "interrupted")
         self.drain(wait_s=120)
 
     def _finish(self, trial, status: str):
+        self._open.discard(trial.trial_id)
         self.submit("finish", trial, {
             "status": status, "result": dict(trial.last_result or {}),
             "checkpoint": self._checkpoints.get(trial.trial_id) or trial.checkpoint,
@@ -164,6 +170,9 @@ class SweepTracker(tune.Callback):
         # a restarted driver may get results again that the run already holds (a resumed trial repeats the
         # steps after its checkpoint): those steps are not logged twice
         self._logged[trial_id] = logged_steps(self.client, found[0].info.run_id) if found else {}
+        if found and found[0].data.tags.get("status") == "interrupted":  # resumed: it runs again
+            self.client.update_run(found[0].info.run_id, "RUNNING")
+            self.client.set_tag(found[0].info.run_id, "status", "running")
         run = found[0] if found else self.client.create_run(exp_id, run_name=run_name(config), tags={
             MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial_id, "sweep": self.sweep, "role": "trial",
             "status": "running", "sampled": ", ".join(sorted(config))})
@@ -178,9 +187,12 @@ class SweepTracker(tune.Callback):
         self.run_id(trial_id, config)
 
     def _do_metrics(self, trial_id, metrics, config):
+        # Never a (key, step) twice: not what a killed driver logged, not a retried trial's repeat of the
+        # steps after its checkpoint, not a study's last report repeated beside its test metrics.
         run_id, logged = self.run_id(trial_id, config), self._logged[trial_id]
-        if new := [m for m in metrics if m.step > logged.get(m.key, -1)]:  # not what a killed driver logged
+        if new := [m for m in metrics if m.step > logged.get(m.key, -1)]:
             self.client.log_batch(run_id, metrics=new)
+            logged.update({m.key: max(m.step, logged.get(m.key, -1)) for m in new})
 
     def _do_images(self, trial_id, step, images, config):
         run_id = self.run_id(trial_id, config)
@@ -199,7 +211,7 @@ class SweepTracker(tune.Callback):
         if status == "errored":
             tags.append(RunTag("error", error.strip().splitlines()[-1][:500] if error.strip() else "unknown"))
             self.client.log_text(run_id, error, "error.txt")
-        if checkpoint is not None:
+        if checkpoint is not None and status != "interrupted":  # its last grids come with its real end
             with checkpoint.as_directory() as folder:
                 if os.path.isdir(eval_dir := os.path.join(folder, "eval")):
                     self.client.log_artifacts(run_id, eval_dir, "eval")
