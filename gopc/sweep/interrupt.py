@@ -58,6 +58,11 @@ def _handle(signum, frame) -> None:
               "saved; it stays resumable", file=sys.stderr, flush=True)
 
 
+def record(signum: int) -> None:
+    """A signal that reached the driver through another handler (Ray's SIGTERM one, during ray.init)."""
+    _received.append(signum)
+
+
 def received() -> int:
     """The first signal's number, or 0."""
     return _received[0] if _received else 0

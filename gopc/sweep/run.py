@@ -10,6 +10,7 @@ MLflow tracker, fault tolerance and resume are shared.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -224,7 +225,12 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     check_tracking(s.mlflow_uri)
     if kind.searched and not resume:
         check_new_study(s)
-    connect_ray()
+    try:
+        connect_ray()
+    except SystemExit as e:  # SIGTERM during ray.init, whose own handler turns it into an exit
+        if e.code != signal.SIGTERM:
+            raise
+        interrupt.record(signal.SIGTERM)
     interrupt.install(kind.prog)  # again: ray.init installs a SIGTERM handler that aborts the driver
     check_resources(s)
     if sig := interrupt.received():  # before anything was written: the same command starts it
@@ -250,7 +256,6 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
 
 
 def _name(signum: int) -> str:
-    import signal
     return signal.Signals(signum).name
 
 
