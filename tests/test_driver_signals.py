@@ -21,7 +21,6 @@ import yaml
 
 from conftest import wait_for
 from gopc.sweep.run import resume_command
-from gopc.sweep.study import main as study_main  # noqa: F401: the study's Kind is built by its main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_PY = os.path.join(ROOT, "sweeps", "gopc2_stability.py")
