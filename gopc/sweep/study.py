@@ -33,7 +33,7 @@ class StudySettings(S.Common):
     arms: list = field(default_factory=list)  # as written; resolved into `arm_configs`
     allow: list[str] = field(default_factory=list)  # FAIR fields the arms may differ in
     primary: str = ""  # the verdict's primary metric; "" = the sweep objective (metric)
-    # equivalence margin: a fraction of the better trivial prediction's error (docs/verdict.md: why 0.05)
+    # equivalence margin: a fraction of the better trivial prediction's error (README: why 0.05)
     equivalence: float = 0.05
     arm_configs: dict = field(default_factory=dict)  # arm name -> run config (dict), resolved at load
 
