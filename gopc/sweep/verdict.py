@@ -187,19 +187,21 @@ def table(v: dict) -> str:
         lines.append(f"{name:12} {a['model']:6} {a['survived']:>3} of {len(a['seeds']):<2}  {a['outcome']:22} "
                      f"{fmt(m['prior/mse']):>26} {m['prior/skill_mse']['mean']:+8.2f} {fmt(m['rollout/ssim']):>26}")
     trivial = next((a["trivial"] for a in v["arms"].values() if a["trivial"]), {})
-    if trivial:
-        lines.append(f"trivial predictions: prior MSE blank {trivial['prior/blank_mse']:.4f}, last frame "
-                     f"{trivial['prior/last_mse']:.4f}; rollout SSIM blank {trivial['rollout/blank_ssim']:.3f}, "
-                     f"last frame {trivial['rollout/last_ssim']:.3f}")
+    if trivial:  # every error the table prints stands beside what a blank frame and the last frame score
+        lines.append("trivial predictions (blank frame / last frame): " + ", ".join(
+            f"{m} {trivial[m.replace('/', '/blank_')]:.4f} / {trivial[m.replace('/', '/last_')]:.4f}"
+            for m in dict.fromkeys([v["primary"]] + SHOWN) if m.replace("/", "/last_") in trivial))
     if v["survival"]:
         lines.append(f"survival, Fisher's exact test, Holm over {len(v['survival'])} pairs:")
         lines += [survival_line(x) for x in v["survival"]]
     shown = [v["primary"]] + [m for m in SHOWN if m != v["primary"]]
-    for title, metrics in ((f"primary metric {v['primary']}", shown[:1]), ("secondary metrics (Holm over all "
-                           "secondary pairs; report.md lists every metric)", shown[1:])):
-        lines.append(f"{title}: a - b [95% interval], Welch p, Holm p, Hedges' g; equivalence margin ±{v['equivalence']:.0%} "
-                     "of the better trivial error" if metrics == shown[:1] else f"{title}:")
-        lines += [pair_line(p) for m in metrics for p in v["pairs"] if p["metric"] == m]
+    lines.append(f"primary metric {v['primary']}: a - b [95% interval], Welch p, Holm p over its pairs, Hedges' g; "
+                 f"equivalent: within ±{v['equivalence']:.0%} of the better trivial prediction's error (TOST)")
+    lines += [pair_line(p) for p in v["pairs"] if p["metric"] == v["primary"]]
+    lines.append("secondary metrics (Holm over all secondary pairs; report.md lists every metric):")
+    apart = {(p["a"], p["b"]): p["why"] for p in v["pairs"] if p["word"] == "not comparable"}
+    lines += [pair_line(p) for m in shown[1:] for p in v["pairs"] if p["metric"] == m and (p["a"], p["b"]) not in apart]
+    lines += [f"  {a} vs {b}, every secondary metric: not comparable: {why}" for (a, b), why in apart.items()]
     for name, a in v["arms"].items():
         if a["outcome"] != "learned":
             where = "every surviving seed" if a["outcome"] == "collapsed" else "some seeds"
@@ -219,7 +221,7 @@ def survival_line(x: dict) -> str:
 def pair_line(p: dict) -> str:
     head = f"  {p['a']} vs {p['b']}, {p['metric']}: "
     if p["word"] == "not comparable":
-        return head + f"not comparable: {p['why']} (a model that learned nothing is not ranked)"
+        return head + f"not comparable: {p['why']} (only arms that learned on every surviving seed are ranked)"
     d, num = p["diff"], lambda x, f: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, f)  # noqa: E731
     text = (head + f"{d['mean']:+.4f} [{num(d['low'], '+.4f')}, {num(d['high'], '+.4f')}], p {num(p['p'], '.3g')}, "
             f"Holm {num(p['p_holm'], '.3g')}, g {num(p['g'], '+.2f')}: {p['word']}")
