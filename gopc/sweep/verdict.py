@@ -228,7 +228,8 @@ def pair_line(p: dict) -> str:
     if p["word"] == "equivalent":
         text += f" (within ±{p['margin']:.4f})"
     if p["word"] == "inconclusive":
-        text += (f"; about {p['seeds_needed']} seeds per arm would detect this difference" if p["seeds_needed"] else
+        n = p["seeds_needed"]
+        text += (f"; {'more than 10,000' if n and n > 10_000 else f'about {n}'} seeds per arm would detect this difference" if n else
                  "; too few surviving seeds to estimate the spread")
     return text
 
