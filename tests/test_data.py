@@ -189,7 +189,7 @@ def test_to_float():
 # ---------------------------------------------------------------- geometry
 
 @pytest.mark.parametrize("law", LAWS)
-@pytest.mark.parametrize("digit_size", [28, 32])
+@pytest.mark.parametrize("digit_size", [14, 28, 32])
 def test_single_digit_mass_is_constant(law, digit_size):
     digits = load_digits("embedded")[0][:200]
     cfg = DataConfig(trajectory=law, digit_size=digit_size, seq_len=30, speed_min=3, speed_max=6)

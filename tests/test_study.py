@@ -70,11 +70,12 @@ def write_study(tmp_path, arms, **extra):
 
 
 ARMS = [{"name": "gopc2", "config": "gopc2.yaml"}, {"name": "vae1", "set": {"model.kind": "vae1"}}]
+FROZEN = [ARMS[0], {"name": "vae1", "set": {"model.kind": "vae1", "train.lr": 1e-12}}]  # keeps its initial weights: collapses
 
 
 def test_a_study_gives_survivors_intervals_words_and_one_mlflow_run_per_arm_and_seed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    path = write_study(tmp_path, ARMS)
+    path = write_study(tmp_path, FROZEN)
     try:
         assert study_main(["--config", path]) == 0
     finally:
@@ -90,8 +91,15 @@ def test_a_study_gives_survivors_intervals_words_and_one_mlflow_run_per_arm_and_
     assert g["metrics"]["prior/mse"]["n"] == 1  # one survivor: a mean, and no interval
     pairs = [p for p in v["pairs"] if p["a"] == "gopc2" and p["b"] == "vae1"]
     assert {p["metric"] for p in pairs} == {f"{s}/{k}" for s in ("posterior", "prior", "rollout") for k in ("mse", "bce", "ssim")}
-    assert all(p["word"] == "no difference" for p in pairs)  # one surviving seed tells nothing apart
-    assert g["outcome"] in ("learned", "collapsed") and b["outcome"] in ("learned", "collapsed")
+    assert b["outcome"] == "collapsed" and g["outcome"] in ("learned", "collapsed")
+    # vae1 learned nothing: every pair with it is not comparable, naming it, and nothing is ranked
+    assert all(p["word"] == "not comparable" and "vae1 collapsed" in p["why"] for p in pairs)
+    assert "gopc2 vs vae1, prior/mse: not comparable: " in out and "vae1 collapsed" in out
+    assert not any(w in line for line in out.splitlines() for w in (": better", ": worse", ": equivalent"))
+    assert v["survival"] == [{"a": "gopc2", "b": "vae1", "a_survived": 1, "b_survived": 2, "n": 2, "b_n": 2,
+                              "p": 1.0, "p_holm": 1.0, "word": "inconclusive"}]
+    assert "gopc2 vs vae1: 1 of 2 vs 2 of 2 survived, p 1, Holm 1: inconclusive" in out
+    assert all(k in pairs[0] for k in ("p", "p_holm", "g", "seeds_needed")) and v["primary"] == "prior/mse"
     folder = tmp_path / "sweep_results" / "tiny_study" / "verdict"
     assert {"report.md", "rollout_error.png", "survival.png", "predictions.png"} <= {p.name for p in folder.iterdir()}
 

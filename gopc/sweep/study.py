@@ -32,6 +32,9 @@ class StudySettings(S.Common):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     arms: list = field(default_factory=list)  # as written; resolved into `arm_configs`
     allow: list[str] = field(default_factory=list)  # FAIR fields the arms may differ in
+    primary: str = ""  # the verdict's primary metric; "" = the sweep objective (metric)
+    # equivalence margin: a fraction of the better trivial prediction's error (README: why 0.05)
+    equivalence: float = 0.05
     arm_configs: dict = field(default_factory=dict)  # arm name -> run config (dict), resolved at load
 
     @property
@@ -48,6 +51,13 @@ def load(path: str, preset: str | None = None, overrides: list[str] | None = Non
     s.allow = C._coerce("study.allow", list[str], raw.get("allow") or [])
     if bad := [f for f in s.allow if f not in FAIR]:
         raise ConfigError(f"study.allow: {bad[0]!r} is not a data or budget field; allowed: data.*, train.steps, train.batch_size")
+    from gopc.sweep.verdict import METRICS
+    s.primary = s.primary or s.metric
+    if s.primary not in METRICS:
+        raise ConfigError(f"study.primary: {s.primary!r} is not a verdict metric; give one of {METRICS}, e.g. prior/mse")
+    if not 0 < s.equivalence < 1:
+        raise ConfigError(f"study.equivalence: {s.equivalence!r} must be a fraction between 0 and 1 of the trivial "
+                          "prediction's error, e.g. 0.05")
     s.arms = raw.get("arms") or []
     s.arm_configs = resolve_arms(s)
     return s

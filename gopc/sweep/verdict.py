@@ -1,11 +1,17 @@
 """The verdict of a study: per arm, which seeds survived and its test errors as means with 95% intervals
-over the seeds, beside the trivial predictions; per pair (each GOPC-2 arm against each baseline), the
-difference with its interval and one word. Written as verdict.json, report.md and three pictures, kept
-beside the experiment and logged on the study's MLflow parent run, and printed as a table.
+over the seeds, beside the trivial predictions; per pair (every two arms of which one is GOPC-2), the
+survival counts compared and, per metric, the difference with its interval and one word. Written as
+verdict.json, report.md and three pictures, kept beside the experiment and logged on the study's MLflow
+parent run, and printed as a table, the primary metric and survival first.
 
-Intervals are Student-t over the surviving seeds (n-1 degrees of freedom); differences are Welch's,
-the arms being independent runs. "better" / "worse" only when the interval excludes 0; otherwise "no
-difference" at that many seeds, which is not a proof of equality.
+Survival: Fisher's exact test, Holm-corrected over the pairs: "survives more often" / "less often" /
+"inconclusive". Metrics (gopc/sweep/stats.py): Welch's difference, interval and p-value, Hedges' g, Holm
+within the primary metric's pairs and, apart, within the secondary metrics' pairs, so that the many
+secondary comparisons do not dilute the primary one. "better" / "worse" when the adjusted p is below
+0.05; "equivalent" when the (Holm-adjusted) TOST shows the difference within the study's `equivalence`
+margin; "inconclusive" otherwise, with the seeds per arm that would detect the observed difference. A
+pair with an arm that did not learn on every surviving seed is "not comparable": an arm that learned
+nothing is never ranked, nor called equal.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from scipy import stats  # noqa: E402
 from gopc import config as C  # noqa: E402
 from gopc.evaluate import SECTIONS, TEST_DIR, outcome  # noqa: E402
 from gopc.metrics import SKILL_METRICS  # noqa: E402
+from gopc.sweep import stats as St  # noqa: E402
 from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
 METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
@@ -45,27 +52,91 @@ def interval(values: list[float]) -> dict:
 
 
 def difference(a: list[float], b: list[float]) -> dict:
-    """mean(a) - mean(b) with Welch's 95% interval."""
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    if len(a) < 2 or len(b) < 2:
-        d = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
-        return {"mean": d, "low": math.nan, "high": math.nan}
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    se = math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if se > 0 else len(a) + len(b) - 2
-    half = stats.t.ppf(0.5 + LEVEL / 2, df) * se
-    d = float(a.mean() - b.mean())
-    return {"mean": d, "low": d - half, "high": d + half}
+    """mean(a) - mean(b) with Welch's 95% interval (the p-value is kept apart, in the pair)."""
+    d = St.welch(a, b)
+    return {k: d[k] for k in ("mean", "low", "high")}
 
 
-def word(metric: str, diff: dict) -> str:
-    """better / worse for arm a, when the interval excludes 0; lower is better but for SSIM."""
-    if math.isnan(diff["low"]):  # fewer than two survivors on a side: nothing can be told apart
-        return "no difference"
-    sign = 1 if metric.endswith("ssim") else -1
-    if diff["low"] > 0 or diff["high"] < 0:
-        return "better" if sign * diff["mean"] > 0 else "worse"
-    return "no difference"
+def higher_is_better(metric: str) -> bool:
+    return metric.endswith("ssim")
+
+
+def equivalence_margin(metric: str, trivial: dict, fraction: float) -> float:
+    """The equivalence margin in the metric's units: `fraction` of the better trivial prediction's error
+    (for SSIM, of the room it leaves below 1, as in the skill scores)."""
+    section, name = metric.split("/")
+    refs = [trivial[f"{section}/{ref}_{name}"] for ref in ("blank", "last") if f"{section}/{ref}_{name}" in trivial]
+    if not refs:
+        return math.nan
+    return fraction * (1 - max(refs)) if higher_is_better(metric) else fraction * min(refs)
+
+
+def word(metric: str, pair: dict) -> str:
+    """better / worse for arm a when Holm's adjusted p is below 0.05; equivalent when the Holm-adjusted
+    TOST p is; inconclusive otherwise."""
+    if pair["p_holm"] is not None and pair["p_holm"] < St.ALPHA:
+        sign = 1 if higher_is_better(metric) else -1
+        return "better" if sign * pair["diff"]["mean"] > 0 else "worse"
+    if pair["p_tost_holm"] is not None and pair["p_tost_holm"] < St.ALPHA:
+        return "equivalent"
+    return "inconclusive"
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def arm_pairs(arms: dict) -> list[tuple[str, str]]:
+    """Every two arms of which at least one is GOPC-2, in the study's order, a GOPC-2 arm first."""
+    names = list(arms)
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if arms[a]["model"] == "gopc2":
+                out.append((a, b))
+            elif arms[b]["model"] == "gopc2":
+                out.append((b, a))
+    return out
+
+
+def compare(arms: dict, runs: dict, primary: str, fraction: float) -> tuple[list[dict], list[dict]]:
+    """The pairs (every metric) and the survival comparisons, Holm-corrected within three families:
+    survival, the primary metric, the secondary metrics."""
+    values = {n: {m: [x["test"][m] for x in runs[n] if x["test"]] for m in METRICS} for n in arms}
+    trivial = next((a["trivial"] for a in arms.values() if a["trivial"]), {})
+    survival, pairs = [], []
+    for a, b in arm_pairs(arms):
+        counts = [(arms[n]["survived"], len(arms[n]["seeds"]) - len(arms[n]["errored"])) for n in (a, b)]
+        survival.append({"a": a, "b": b, "a_survived": counts[0][0], "b_survived": counts[1][0],
+                         "n": counts[0][1], "b_n": counts[1][1], "p": St.survival(*counts[0], *counts[1])})
+        unlearned = [n for n in (a, b) if arms[n]["outcome"] != "learned"]
+        for metric in METRICS:
+            xa, xb = values[a][metric], values[b][metric]
+            w = St.welch(xa, xb)
+            pair = {"a": a, "b": b, "metric": metric, "diff": {k: w[k] for k in ("mean", "low", "high")},
+                    "p": _nan_none(w["p"]), "g": _nan_none(St.hedges_g(xa, xb)), "p_holm": None,
+                    "p_tost": None, "p_tost_holm": None, "seeds_needed": None,
+                    "margin": _nan_none(equivalence_margin(metric, trivial, fraction))}
+            if unlearned:  # a model that learned nothing is never ranked, nor called equal to another
+                pair["word"] = "not comparable"
+                pair["why"] = "; ".join(f"{n} {arms[n]['outcome']}" for n in unlearned)
+            elif pair["margin"] is not None:
+                pair["p_tost"] = _nan_none(St.tost(xa, xb, pair["margin"]))
+            pairs.append(pair)
+    for s, adj in zip(survival, St.holm([s["p"] for s in survival])):
+        s["p_holm"] = adj
+        s["word"] = ("inconclusive" if adj >= St.ALPHA else
+                     "survives more often" if s["a_survived"] / s["n"] > s["b_survived"] / s["b_n"] else "survives less often")
+    for family in (lambda p: p["metric"] == primary, lambda p: p["metric"] != primary):
+        tested = [p for p in pairs if family(p) and p.get("word") != "not comparable"]
+        for key in ("p", "p_tost"):
+            for p, adj in zip(tested, St.holm([math.nan if p[key] is None else p[key] for p in tested])):
+                p[f"{key}_holm"] = _nan_none(adj)
+        for p in tested:
+            p["word"] = word(p["metric"], p)
+            if p["word"] == "inconclusive":
+                p["seeds_needed"] = St.seeds_needed(St.cohens_d(values[p["a"]][p["metric"]], values[p["b"]][p["metric"]]))
+    return pairs, survival
 
 
 def collect(s, results) -> dict[str, list[dict]]:
@@ -98,16 +169,11 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
                         "collapsed" if learned == 0 else f"mixed ({learned} of {len(alive)} learned)"),
             "metrics": {k: interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
             "trivial": {k: float(np.mean([x["test"][k] for x in alive])) for k in TRIVIAL} if alive else {}}
-    pairs = []
-    for a, arm_a in arms.items():
-        for b, arm_b in arms.items():
-            if arm_a["model"] == "gopc2" and arm_b["model"] != "gopc2":
-                for metric in METRICS:
-                    d = difference(*([x["test"][metric] for x in runs[n] if x["test"]] for n in (a, b)))
-                    pairs.append({"a": a, "b": b, "metric": metric, "diff": d, "word": word(metric, d)})
+    pairs, survival = compare(arms, runs, s.primary, s.equivalence)
     return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": LEVEL,
             "margin": C.from_dict(s.base).train.learned_margin,
-            "seeds": s.seeds, "arms": arms, "pairs": pairs}
+            "seeds": s.seeds, "primary": s.primary, "equivalence": s.equivalence, "arms": arms,
+            "survival": survival, "pairs": pairs}
 
 
 def table(v: dict) -> str:
@@ -121,21 +187,51 @@ def table(v: dict) -> str:
         lines.append(f"{name:12} {a['model']:6} {a['survived']:>3} of {len(a['seeds']):<2}  {a['outcome']:22} "
                      f"{fmt(m['prior/mse']):>26} {m['prior/skill_mse']['mean']:+8.2f} {fmt(m['rollout/ssim']):>26}")
     trivial = next((a["trivial"] for a in v["arms"].values() if a["trivial"]), {})
-    if trivial:
-        lines.append(f"trivial predictions: prior MSE blank {trivial['prior/blank_mse']:.4f}, last frame "
-                     f"{trivial['prior/last_mse']:.4f}; rollout SSIM blank {trivial['rollout/blank_ssim']:.3f}, "
-                     f"last frame {trivial['rollout/last_ssim']:.3f}")
-    for p in v["pairs"]:
-        if p["metric"] in ("prior/mse", "rollout/mse", "prior/bce", "rollout/ssim"):
-            d = p["diff"]
-            lines.append(f"{p['a']} vs {p['b']}, {p['metric']}: {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]  "
-                         f"{p['word']}{' at this many seeds' if p['word'] == 'no difference' else ''}")
+    if trivial:  # every error the table prints stands beside what a blank frame and the last frame score
+        lines.append("trivial predictions (blank frame / last frame): " + ", ".join(
+            f"{m} {trivial[m.replace('/', '/blank_')]:.4f} / {trivial[m.replace('/', '/last_')]:.4f}"
+            for m in dict.fromkeys([v["primary"]] + SHOWN) if m.replace("/", "/last_") in trivial))
+    if v["survival"]:
+        lines.append(f"survival, Fisher's exact test, Holm over {len(v['survival'])} pairs:")
+        lines += [survival_line(x) for x in v["survival"]]
+    shown = [v["primary"]] + [m for m in SHOWN if m != v["primary"]]
+    lines.append(f"primary metric {v['primary']}: a - b [95% interval], Welch p, Holm p over its pairs, Hedges' g; "
+                 f"equivalent: within ±{v['equivalence']:.0%} of the better trivial prediction's error (TOST)")
+    lines += [pair_line(p) for p in v["pairs"] if p["metric"] == v["primary"]]
+    lines.append("secondary metrics (Holm over all secondary pairs; report.md lists every metric):")
+    apart = {(p["a"], p["b"]): p["why"] for p in v["pairs"] if p["word"] == "not comparable"}
+    lines += [pair_line(p) for m in shown[1:] for p in v["pairs"] if p["metric"] == m and (p["a"], p["b"]) not in apart]
+    lines += [f"  {a} vs {b}, every secondary metric: not comparable: {why}" for (a, b), why in apart.items()]
     for name, a in v["arms"].items():
         if a["outcome"] != "learned":
             where = "every surviving seed" if a["outcome"] == "collapsed" else "some seeds"
             lines.append(f"{name}: {a['outcome']}: " + ("no seed survived" if a["outcome"] == "diverged" else
                          f"on {where} its one-step prior is no better than a blank or the last frame: it learned nothing there"))
     return "\n".join(lines)
+
+
+SHOWN = ["prior/mse", "rollout/mse", "prior/bce", "rollout/ssim"]  # the table's metrics; report.md has all
+
+
+def survival_line(x: dict) -> str:
+    return (f"  {x['a']} vs {x['b']}: {x['a_survived']} of {x['n']} vs {x['b_survived']} of {x['b_n']} survived, "
+            f"p {x['p']:.3g}, Holm {x['p_holm']:.3g}: {x['word']}")
+
+
+def pair_line(p: dict) -> str:
+    head = f"  {p['a']} vs {p['b']}, {p['metric']}: "
+    if p["word"] == "not comparable":
+        return head + f"not comparable: {p['why']} (only arms that learned on every surviving seed are ranked)"
+    d, num = p["diff"], lambda x, f: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, f)  # noqa: E731
+    text = (head + f"{d['mean']:+.4f} [{num(d['low'], '+.4f')}, {num(d['high'], '+.4f')}], p {num(p['p'], '.3g')}, "
+            f"Holm {num(p['p_holm'], '.3g')}, g {num(p['g'], '+.2f')}: {p['word']}")
+    if p["word"] == "equivalent":
+        text += f" (within ±{p['margin']:.4f})"
+    if p["word"] == "inconclusive":
+        n = p["seeds_needed"]
+        text += (f"; {'more than 10,000' if n and n > 10_000 else f'about {n}'} seeds per arm would detect this difference" if n else
+                 "; too few surviving seeds to estimate the spread")
+    return text
 
 
 def rollout_plot(v: dict, runs: dict, path: str) -> str:
@@ -170,9 +266,11 @@ def survival_plot(v: dict, s, path: str) -> str:
         died = sorted(int(x) for x in a["diverged"].values() if x is not None)
         xs = [0] + died + [steps]
         alive = [len(a["seeds"]) - len(a["errored"]) - i for i in range(len(died) + 1)]
-        ax.step(xs, alive + alive[-1:], where="post", label=name)
+        ax.step(xs, alive + alive[-1:], where="post", label=f"{name}: {a['survived']} of {len(a['seeds'])} survived")
+    tests = [f"{x['a']} vs {x['b']}: {x['word']} (Holm p {x['p_holm']:.2g})" for x in v["survival"]]
     ax.set(xlabel="training step", ylabel="seeds still finite", ylim=(-0.2, len(s.seeds) + 0.5),
-           title="survival over training")
+           title="survival over training" + ("\n" + "; ".join(tests[:3]) if tests else ""))
+    ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -226,10 +324,23 @@ def report(v: dict, command: str) -> str:
              f"An arm has *learned* when its one-step prior's MSE beats the better trivial prediction (blank or "
              f"last frame) by at least {v['margin']:.0%}.", "", "```", table(v), "```", "",
              "![rollout error](rollout_error.png)", "", "![predictions](predictions.png)", "", "![survival](survival.png)", "",
-             "## Every pair and metric", "", "| a | b | metric | a - b | 95% interval | word |", "|---|---|---|---:|---|---|"]
-    for p in v["pairs"]:
+             "## Survival", "", "| a | b | a survived | b survived | p (Fisher) | Holm p | word |", "|---|---|---:|---:|---:|---:|---|"]
+    f = lambda x, spec: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)  # noqa: E731
+    for x in v["survival"]:
+        lines.append(f"| {x['a']} | {x['b']} | {x['a_survived']} of {x['n']} | {x['b_survived']} of {x['b_n']} | "
+                     f"{x['p']:.3g} | {x['p_holm']:.3g} | {x['word']} |")
+    lines += ["", f"## Every pair and metric (the primary, {v['primary']}, first)", "",
+              "Holm's correction runs within the primary metric's pairs and, apart, within all secondary pairs. "
+              f"*equivalent*: TOST within ±{v['equivalence']:.0%} of the better trivial prediction's error (margin). "
+              "*seeds*: per arm, to detect the observed difference at 80% power (two-sided 0.05).", "",
+              "| a | b | metric | a - b | 95% interval | p | Holm p | g | margin | word | seeds |",
+              "|---|---|---|---:|---|---:|---:|---:|---:|---|---:|"]
+    for p in sorted(v["pairs"], key=lambda p: p["metric"] != v["primary"]):
         d = p["diff"]
-        lines.append(f"| {p['a']} | {p['b']} | {p['metric']} | {d['mean']:+.4f} | [{d['low']:+.4f}, {d['high']:+.4f}] | {p['word']} |")
+        word_ = p["word"] + (f" ({p['why']})" if p.get("why") else "")
+        lines.append(f"| {p['a']} | {p['b']} | {p['metric']} | {d['mean']:+.4f} | [{f(d['low'], '+.4f')}, {f(d['high'], '+.4f')}] | "
+                     f"{f(p['p'], '.3g')} | {f(p['p_holm'], '.3g')} | {f(p['g'], '+.2f')} | {f(p['margin'], '.4f')} | {word_} | "
+                     f"{f(p['seeds_needed'], 'd')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -237,8 +348,10 @@ def sentence(v: dict) -> str:
     """The verdict in a few sentences, for the parent run's description."""
     arms = "; ".join(f"{name} ({a['model']}) {a['outcome']}, {a['survived']} of {len(a['seeds'])} seeds survived"
                      for name, a in v["arms"].items())
-    words = "; ".join(f"{p['a']} vs {p['b']}: {p['word']}" for p in v["pairs"] if p["metric"] == "prior/mse")
-    return f"Test split, {len(v['seeds'])} seeds: {arms}." + (f" One-step prior MSE: {words}." if words else "")
+    alive = "; ".join(f"{x['a']} vs {x['b']}: {x['word']}" for x in v["survival"])
+    words = "; ".join(f"{p['a']} vs {p['b']}: {p['word']}" for p in v["pairs"] if p["metric"] == v["primary"])
+    return (f"Test split, {len(v['seeds'])} seeds: {arms}." + (f" Survival: {alive}." if alive else "")
+            + (f" {v['primary']}: {words}." if words else ""))
 
 
 def write_verdict(s, results, parent: str) -> list[str]:
