@@ -177,6 +177,8 @@ def _coerce(name: str, tp, value):
     elif tp is str:
         if isinstance(value, str):
             return value
+    if value is None:  # `--set key=` or `key:` left empty in a YAML
+        raise ConfigError(f"{name}: no value given; give a {tp.__name__}, or leave the key out for its default")
     raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 

@@ -370,7 +370,7 @@ ROWS = [
     Row("config-wrong-type-list", "--set data.classes=3 (a number, not a list)", train("data.classes=3"),
         ("data.classes", "expected a list")),
     Row("config-digit-size", "--set data.digit_size=30", train("data.digit_size=30"),
-        ("data.digit_size", "not one of [28, 32]")),
+        ("data.digit_size", "not one of [14, 28, 32]")),
     Row("config-negative-lr", "--set train.lr=-1", train("train.lr=-1"),
         ("train.lr", "below the minimum")),
     Row("config-nan-lr", "--set train.lr=.nan (YAML's NaN)", train("train.lr=.nan"),

@@ -127,3 +127,14 @@ def test_a_study_whose_arms_differ_in_data_or_budget_is_refused_and_writes_nothi
     assert study_main(["--config", write_study(tmp_path, arms)]) == 2
     assert "arms (long): train.steps is 40" in capsys.readouterr().err
     assert set(os.listdir(tmp_path)) == before  # no mlflow.db, no sweep_results
+
+
+@pytest.mark.parametrize("name", ["../../pwn", "a b", "arm/1"])
+def test_an_arm_name_that_would_reach_mlflow_or_the_disk_unchecked_is_refused(tmp_path, monkeypatch, capsys, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"base": TINY, "arms": [{"name": name, "set": {"model.kind": "gopc1"}}]}))
+    assert study_main(["--config", "study.yaml"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines() == [f"gopc2_study: error: arms[0].name: {name!r} may hold only letters, digits, '-' and '_'; "
+                                "rename it, e.g. gopc2-stable"]
+    assert sorted(os.listdir(tmp_path)) == ["study.yaml"]

@@ -143,6 +143,12 @@ def resolve(raw: dict, preset: str | None, overrides: list[str] | None, cls, wha
     return raw
 
 
+def check_name(name: str, field: str) -> None:
+    """Names that become MLflow run names, parameter keys and folders: letters, digits, '-' and '_' only."""
+    if not name.replace("_", "").replace("-", "").isalnum() or not name.isascii():
+        raise ConfigError(f"{field}: {name!r} may hold only letters, digits, '-' and '_'; rename it, e.g. gopc2-stable")
+
+
 def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
     """The scalar settings of `cls`, its resources and its checked base; `nested` names the keys the caller parses."""
     s = C._section(cls, what, {k: v for k, v in raw.items() if k not in ("resources", "base") + nested})
@@ -155,8 +161,7 @@ def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
     s.base = base
     if s.resources.cpu <= 0 and s.resources.gpu <= 0:
         raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
-    if not s.name.replace("_", "").replace("-", "").isalnum():
-        raise ConfigError(f"{what}.name: {s.name!r} may hold only letters, digits, '-' and '_'")
+    check_name(s.name, f"{what}.name")
     if s.metric not in OBJECTIVES:
         raise ConfigError(f"{what}.metric: {s.metric!r} is not one of {OBJECTIVES}")
     return s

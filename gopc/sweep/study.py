@@ -72,6 +72,7 @@ def resolve_arms(s: StudySettings) -> dict[str, dict]:
         where = f"arms[{i}]"
         if not isinstance(arm, dict) or not isinstance(arm.get("name"), str) or not arm["name"]:
             raise ConfigError(f"{where}: expected a mapping with a name, e.g. {{name: vae1, set: {{model.kind: vae1}}}}")
+        S.check_name(arm["name"], f"{where}.name")  # it names MLflow runs and parameter keys
         if unknown := set(arm) - ARM_KEYS:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; an arm takes {sorted(ARM_KEYS)}")
         if "sweep" in arm and "config" in arm:
