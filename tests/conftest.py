@@ -63,6 +63,16 @@ def wait_for(predicate, timeout: float, every: float = 0.05):
     return value
 
 
+def metric_rows(db, key: str) -> int:
+    """How many values of metric `key` an MLflow SQLite database holds (0 before it exists): the driver's
+    tracker logs each result at once, so this counts the results it has processed."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
+            return con.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
+    except sqlite3.Error:  # not created yet, or MLflow has not made its tables
+        return 0
+
+
 def duplicate_metric_rows(db) -> list[tuple]:
     """(run, key, step, count) of every metric step an MLflow database holds more than once."""
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as con:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import sqlite3
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import mlflow
 import optuna
 import yaml
 
-from conftest import wait_for
+from conftest import metric_rows, wait_for
 from gopc.sweep.run import resume_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +37,7 @@ STUDY = {"name": "sig_study", "seeds": [0, 1], "report_every": 20, "max_concurre
 
 
 def validations(db) -> int:
-    """How many validations the driver has logged (its tracker writes each result at once)."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
-            return con.execute("select count(*) from metrics where key = 'val/prior/mse'").fetchone()[0]
-    except sqlite3.Error:  # not created yet
-        return 0
+    return metric_rows(db, "val/prior/mse")
 
 
 def interrupt(cwd, argv, signals, group=False, after: int = 0) -> tuple[int, str]:

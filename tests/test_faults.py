@@ -19,6 +19,7 @@ import ray
 import torch
 import yaml
 
+from conftest import metric_rows, wait_for
 from gopc import config as C
 from gopc.errors import DataError
 from gopc.sweep.run import main as sweep_main
@@ -107,12 +108,8 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     kills, failures = [], []
 
-    def reports() -> int:  # results the driver has processed (its tracker logs each one at once)
-        try:
-            with sqlite3.connect(tmp_path / "mlflow.db", timeout=1) as con:
-                return con.execute("select count(*) from metrics where key = 'diverged'").fetchone()[0]
-        except sqlite3.Error:
-            return 0
+    def reports() -> int:  # results the driver has processed
+        return metric_rows(tmp_path / "mlflow.db", "diverged")
 
     def busy_workers():
         """Worker nodes running a trial: a trial's process is a child of its node's raylet."""
@@ -129,9 +126,9 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
 
     def killer():
         try:
-            assert _wait_for(lambda: any(experiment.glob("*/checkpoint_*")) and busy_workers(), 180)
+            assert wait_for(lambda: any(experiment.glob("*/checkpoint_*")) and busy_workers(), 180)
             kill(busy_workers()[:1])  # mid-trial, with a checkpoint to resume from
-            assert _wait_for(lambda: reports() >= kills[0][1] + 2 and busy_workers(), 180)
+            assert wait_for(lambda: reports() >= kills[0][1] + 2 and busy_workers(), 180)
             kill(busy_workers())  # the retried trial is running again: hit it too
         except Exception as e:  # noqa: BLE001: surfaced by the assertion below
             failures.append(repr(e))
@@ -151,13 +148,6 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     assert sum(t.run_metadata.num_failures for t in analysis.trials) >= 2
 
 
-def _wait_for(predicate, timeout):
-    deadline = time.time() + timeout
-    while not predicate() and time.time() < deadline:
-        time.sleep(0.05)
-    return predicate()
-
-
 @pytest.mark.parametrize("moment", ["before-first-result", "while-writing-the-summary"])
 def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, moment):
     args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2"]
@@ -165,9 +155,9 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, momen
                             stderr=subprocess.DEVNULL)
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     if moment == "before-first-result":
-        hit = _wait_for(lambda: any(experiment.glob("run_trial_*")), 120)
+        hit = wait_for(lambda: any(experiment.glob("run_trial_*")), 120)
     else:
-        hit = _wait_for(lambda: (experiment / "summary").exists(), 240)
+        hit = wait_for(lambda: (experiment / "summary").exists(), 240)
     assert hit and proc.poll() is None, f"the sweep ended before the moment {moment}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -192,7 +182,7 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.folder}/server.db", "--artifacts-destination",
              str(self.folder / "artifacts"), "--workers", "1"],
             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait_for(self.healthy, 90), "mlflow server did not start"
+        assert wait_for(self.healthy, 90), "mlflow server did not start"
 
     def healthy(self):
         try:
@@ -226,7 +216,7 @@ def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
             except sqlite3.Error:
                 return 0
 
-        assert _wait_for(lambda: finished_trials() >= 1, 180)
+        assert wait_for(lambda: finished_trials() >= 1, 180)
         server.stop()  # the server goes away while trials keep training
         time.sleep(15)
         server.start()

@@ -6,7 +6,6 @@ come out as they do on local storage."""
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ import optuna
 import pytest
 from moto.server import ThreadedMotoServer
 
+from conftest import metric_rows
 from gopc.cli import main as gopc_main
 from gopc.sweep.recovery import load_trials
 
@@ -66,11 +66,7 @@ def wait_for(predicate, proc, what):
 
 
 def reports(folder) -> int:
-    try:
-        with sqlite3.connect(folder / "mlflow.db", timeout=1) as con:
-            return con.execute("select count(*) from metrics where key = 'diverged'").fetchone()[0]
-    except sqlite3.Error:
-        return 0
+    return metric_rows(folder / "mlflow.db", "diverged")
 
 
 def test_a_sweep_on_s3_killed_and_resumed_finishes_every_trial_once(s3, tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ def install(prog: str) -> None:
 
 
 def _handle(signum, frame) -> None:
-    _received.append(signum)
+    record(signum)
     if len(_received) == 2:  # acknowledged once; the state being saved is kept, whatever comes next
         print(f"{_prog}: {signal.Signals(signum).name} again: already stopping, the experiment state is being "
               "saved; it stays resumable", file=sys.stderr, flush=True)

@@ -39,7 +39,6 @@ from gopc.sweep.parent_run import finish_parent  # noqa: E402
 METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
 SKILLS = [f"{s}/skill_{m}" for s in SECTIONS for m in SKILL_METRICS]
 TRIVIAL = [f"{s}/{ref}_{m}" for s in SECTIONS for ref in ("blank", "last") for m in SKILL_METRICS if (s, ref) != ("posterior", "last")]
-LEVEL = 0.95
 
 
 def interval(values: list[float]) -> dict:
@@ -47,14 +46,8 @@ def interval(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
     if len(v) == 0:
         return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
-    half = stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    half = stats.t.ppf(0.5 + St.LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
     return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "n": len(v)}
-
-
-def difference(a: list[float], b: list[float]) -> dict:
-    """mean(a) - mean(b) with Welch's 95% interval (the p-value is kept apart, in the pair)."""
-    d = St.welch(a, b)
-    return {k: d[k] for k in ("mean", "low", "high")}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -80,6 +73,11 @@ def word(metric: str, pair: dict) -> str:
     if pair["p_tost_holm"] is not None and pair["p_tost_holm"] < St.ALPHA:
         return "equivalent"
     return "inconclusive"
+
+
+def _shown(x, spec: str) -> str:
+    """A number as `spec` formats it; "-" for one that was not computed (None or NaN)."""
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
 def _nan_none(x: float) -> float | None:
@@ -170,7 +168,7 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
             "metrics": {k: interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
             "trivial": {k: float(np.mean([x["test"][k] for x in alive])) for k in TRIVIAL} if alive else {}}
     pairs, survival = compare(arms, runs, s.primary, s.equivalence)
-    return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": LEVEL,
+    return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": St.LEVEL,
             "margin": C.from_dict(s.base).train.learned_margin,
             "seeds": s.seeds, "primary": s.primary, "equivalence": s.equivalence, "arms": arms,
             "survival": survival, "pairs": pairs}
@@ -222,7 +220,7 @@ def pair_line(p: dict) -> str:
     head = f"  {p['a']} vs {p['b']}, {p['metric']}: "
     if p["word"] == "not comparable":
         return head + f"not comparable: {p['why']} (only arms that learned on every surviving seed are ranked)"
-    d, num = p["diff"], lambda x, f: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, f)  # noqa: E731
+    d, num = p["diff"], _shown
     text = (head + f"{d['mean']:+.4f} [{num(d['low'], '+.4f')}, {num(d['high'], '+.4f')}], p {num(p['p'], '.3g')}, "
             f"Holm {num(p['p_holm'], '.3g')}, g {num(p['g'], '+.2f')}: {p['word']}")
     if p["word"] == "equivalent":
@@ -325,7 +323,7 @@ def report(v: dict, command: str) -> str:
              f"last frame) by at least {v['margin']:.0%}.", "", "```", table(v), "```", "",
              "![rollout error](rollout_error.png)", "", "![predictions](predictions.png)", "", "![survival](survival.png)", "",
              "## Survival", "", "| a | b | a survived | b survived | p (Fisher) | Holm p | word |", "|---|---|---:|---:|---:|---:|---|"]
-    f = lambda x, spec: "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)  # noqa: E731
+    f = _shown
     for x in v["survival"]:
         lines.append(f"| {x['a']} | {x['b']} | {x['a_survived']} of {x['n']} | {x['b_survived']} of {x['b_n']} | "
                      f"{x['p']:.3g} | {x['p_holm']:.3g} | {x['word']} |")
