@@ -168,8 +168,10 @@ def cmd_best(args) -> int:
     check_tracking(uri, "--tracking-uri")
     C.check_creatable(output, "--output")
     from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
-    for path in export_best(args.sweep, args.top, output, uri, args.experiment,
-                            args.optuna_storage):
+    paths = export_best(args.sweep, args.top, output, uri, args.experiment, args.optuna_storage)
+    if len(paths) < args.top:
+        print(f"gopc best: --top {args.top}, but only {len(paths)} trial(s) trained to the end; exported those")
+    for path in paths:
         print(path)
     return 0
 

@@ -16,6 +16,7 @@ from gopc.train import Hooks, Result
 # sweep driver, gopc/sweep/run.py). MLflow reads these at each request.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+BUSY_WAIT = 10.0  # seconds to wait for another writer's lock on an SQLite tracking database
 URI_FILE = "mlflow_tracking_uri"  # in a run folder: where the default tracking URI pointed at its start
 
 
@@ -46,8 +47,13 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
         if not os.path.exists(path):
             return
         try:  # read-only: MLflow itself would try to create its tables in any file it is given
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_WAIT)) as db:
                 tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise ConfigError(f"{field}: {path} cannot be read ({e}); check the file, or point {field} elsewhere") from None
+            raise ConfigError(f"{field}: {path} is held by another writer (database is locked for over "
+                              f"{BUSY_WAIT:g} s); let that process finish or stop it, then run again") from None
         except sqlite3.DatabaseError as e:
             raise ConfigError(f"{field}: {path} is not an MLflow database ({e}); move it away or point "
                               f"{field} elsewhere") from None
@@ -70,6 +76,9 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
         if run_id and getattr(e, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ConfigError(f"{field}: MLflow at {redact(uri)} holds no run {run_id} to continue; set "
                               f"mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow") from None
+        if uri.startswith("sqlite:"):  # a file that answers but that MLflow cannot use: half-made, or damaged
+            raise ConfigError(f"{field}: {uri[len('sqlite:///'):]} is a damaged or half-created MLflow database "
+                              f"({type(e).__name__}); move it away, or point {field} elsewhere") from None
         raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
                           f"server, or set {field} to a reachable one") from None
 

@@ -438,6 +438,8 @@ ROWS = [
     # ---- sweep settings (sweeps/gopc2_stability.yaml, --preset, --set)
     Row("sweep-unknown-setting", "--set num_sample=3 (typo)", settings_with("num_sample=3"),
         ("sweep.num_sample", "unknown setting")),
+    Row("sweep-base-mlflow-experiment", "--set base.mlflow.experiment=mine (the run config's MLflow section)",
+        settings_with("base.mlflow.experiment=mine"), ("base.mlflow.experiment", "set experiment instead")),
     Row("sweep-unknown-preset", "--preset nosuch", settings_with(preset="nosuch"),
         ("--preset", "'nosuch' is not defined", "smoke")),
     Row("sweep-unknown-metric", "--set metric=prior/accuracy", settings_with("metric=prior/accuracy"),

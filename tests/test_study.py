@@ -138,3 +138,15 @@ def test_an_arm_name_that_would_reach_mlflow_or_the_disk_unchecked_is_refused(tm
     assert err.splitlines() == [f"gopc2_study: error: arms[0].name: {name!r} may hold only letters, digits, '-' and '_'; "
                                 "rename it, e.g. gopc2-stable"]
     assert sorted(os.listdir(tmp_path)) == ["study.yaml"]
+
+
+@pytest.mark.parametrize("key, says", [("train.lr", "'train.lr' needs no allow: only the data and the budget must match"),
+                                       ("data.colour", "'data.colour' is not a config field")])
+def test_allow_says_which_fields_it_takes(tmp_path, monkeypatch, capsys, key, says):
+    """allow lists data or budget fields; a field that may differ anyway, or no field at all, is named as such."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"base": TINY, "arms": ARMS, "allow": [key]}))
+    assert study_main(["--config", "study.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0] and "train.steps, train.batch_size, or leave allow empty" in err[0]
+    assert sorted(os.listdir(tmp_path)) == ["study.yaml"]

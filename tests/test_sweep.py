@@ -132,6 +132,28 @@ def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors
     assert re.search(r"\d of 2 seeds survived", capsys.readouterr().out)
 
 
+def test_best_with_a_larger_top_than_the_sweep_finished_says_how_many_it_exported(smoke, tmp_path, monkeypatch, capsys):
+    folder, settings, client = smoke
+    monkeypatch.chdir(folder)
+    capsys.readouterr()
+    assert gopc_main(["best", "--sweep", "gopc2_stability", "--top", "99", "-o", str(tmp_path / "all")]) == 0
+    n = len([c for c in runs_of(client, "trial") if c.data.tags["status"] in ("learned", "collapsed")])
+    assert 0 < n < 99 and len(list((tmp_path / "all").iterdir())) == n
+    assert capsys.readouterr().out.splitlines()[0] == (f"gopc best: --top 99, but only {n} trial(s) trained to the "
+                                                       "end; exported those")
+
+
+def test_a_sweep_with_nothing_to_export_says_what_became_of_its_trials():
+    from gopc.sweep.export import _tally
+    study = optuna.create_study()
+    for status in ("diverged", "diverged", "stopped early"):
+        t = study.ask()
+        t.set_user_attr("status", status)
+        study.tell(t, 1.0)
+    study.ask()
+    assert _tally(study) == "4 trials: 2 diverged, 1 running, 1 stopped early"
+
+
 def test_searcher_steers_away_from_the_region_that_diverges():
     """Divergence iff x > 0.5: with diverged trials told COMPLETE(penalty) + infeasible, TPE stops
     proposing that region, where FAIL (Ray's default for a raised trial) would teach it nothing."""

@@ -219,3 +219,24 @@ def test_a_run_that_raises_ends_its_mlflow_run_failed(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("gopc").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["status"] == "errored"
+
+
+def test_a_busy_tracking_database_is_named_busy_not_foreign(tmp_path, monkeypatch):
+    """Another writer's lock on mlflow.db is not damage: the line says the database is held, and by what."""
+    import sqlite3
+
+    from gopc import tracking
+    from gopc.errors import ConfigError
+    db = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("create table experiments (id integer)")
+    holder.execute("begin exclusive")
+    monkeypatch.setattr(tracking, "BUSY_WAIT", 0.2)
+    try:
+        with pytest.raises(ConfigError, match=r"^mlflow.tracking_uri: .*mlflow.db is held by another writer \(database "
+                                              r"is locked for over 0.2 s\); let that process finish or stop it"):
+            tracking.check_tracking(f"sqlite:///{db}", "mlflow.tracking_uri")
+    finally:
+        holder.close()
+    with pytest.raises(ConfigError, match=r"mlflow.db is a damaged or half-created MLflow database"):
+        tracking.check_tracking(f"sqlite:///{db}", "mlflow.tracking_uri")  # released: a table, but no MLflow in it

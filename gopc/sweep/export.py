@@ -46,13 +46,23 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
         if len(runs) == top:
             break
     if not runs:
-        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end yet; nothing to export")
+        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end ({_tally(study)}); nothing to "
+                        "export: resume it if it is unfinished, or search other stabilizers")
     metric = parent.data.params.get("sweep.metric", "objective")
     configs = []
     for run, value in runs:  # check every config before writing any file
         with open(client.download_artifacts(run.info.run_id, "config.yaml")) as f:
             configs.append((run, C.from_dict(yaml.safe_load(f)), f"{metric} {value}"))
     return configs
+
+
+def _tally(study: optuna.Study) -> str:
+    """What became of a study's trials, e.g. '5 trials: 4 diverged, 1 running'."""
+    words = {}
+    for t in study.trials:
+        word = t.user_attrs.get("status") or t.state.name.lower()
+        words[word] = words.get(word, 0) + 1
+    return f"{len(study.trials)} trials" + (": " + ", ".join(f"{n} {w}" for w, n in sorted(words.items())) if words else "")
 
 
 def export_best(sweep: str, top: int, out_dir: str, tracking_uri: str = "", experiment: str = "",

@@ -158,6 +158,10 @@ def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
         C.from_dict(base)
     except ConfigError as e:
         raise ConfigError(f"base.{e}") from None
+    if keys := list((base.get("mlflow") or {})):  # the driver tracks the trials, not the run config's MLflow section
+        own = {"tracking_uri": "tracking_uri", "experiment": "experiment"}.get(keys[0])
+        raise ConfigError(f"base.mlflow.{keys[0]}: a {what}'s trials are tracked by its own settings, not the run "
+                          "config's; " + (f"set {own} instead (--set {own}=...)" if own else "remove it"))
     s.base = base
     if s.resources.cpu <= 0 and s.resources.gpu <= 0:
         raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")

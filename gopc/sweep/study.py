@@ -8,10 +8,12 @@ gopc/sweep/verdict.py turns them into the verdict.
       - {name: gopc2, sweep: gopc2_stability}        # the sweep's best config, read back from MLflow
       - {name: gopc2-file, config: best/best-1.yaml}  # or a YAML file `gopc best` wrote
       - {name: gopc1, set: {model.kind: gopc1}}       # or the study's base with overrides
-    allow: [train.lr]                                 # fields arms may differ in beyond the model's own
+    allow: [train.steps]                              # data or budget fields the arms may differ in
+                                                      # (everything else, e.g. train.lr, may differ anyway)
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -42,6 +44,13 @@ class StudySettings(S.Common):
         return self.arm_configs
 
 
+def _is_field(key: str) -> bool:
+    """Whether `key` (section.name) names a field of the run config."""
+    section, _, name = key.partition(".")
+    part = getattr(C.Config(), section, None)
+    return dataclasses.is_dataclass(part) and name in {f.name for f in dataclasses.fields(part)}
+
+
 def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> StudySettings:
     raw = S.resolve(C.load_yaml(path), preset, overrides, StudySettings, "study")
     s = S.parse_common(raw, StudySettings, "study", ("seeds", "arms", "allow", "arm_configs"))
@@ -50,7 +59,9 @@ def load(path: str, preset: str | None = None, overrides: list[str] | None = Non
         raise ConfigError(f"study.seeds: {s.seeds} must be distinct non-negative integers, e.g. [0, 1, 2, 3, 4]")
     s.allow = C._coerce("study.allow", list[str], raw.get("allow") or [])
     if bad := [f for f in s.allow if f not in FAIR]:
-        raise ConfigError(f"study.allow: {bad[0]!r} is not a data or budget field; allowed: data.*, train.steps, train.batch_size")
+        why = ("needs no allow: only the data and the budget must match across arms" if _is_field(bad[0])
+               else "is not a config field")
+        raise ConfigError(f"study.allow: {bad[0]!r} {why}; list only some of {', '.join(FAIR)}, or leave allow empty")
     from gopc.sweep.verdict import METRICS
     s.primary = s.primary or s.metric
     if s.primary not in METRICS:
@@ -107,6 +118,9 @@ def _arm_sources(s: StudySettings, arm: dict, where: str) -> list[tuple[str, dic
             found = best_configs(arm["sweep"], top, s.tracking_uri)
         except GopcError as e:
             raise ConfigError(f"{where}.sweep: {e}") from None
+        if len(found) < top:
+            raise ConfigError(f"{where}.top: {top} configs asked, but sweep {arm['sweep']!r} has only {len(found)} "
+                              f"trial(s) that trained to the end; set top to at most {len(found)}")
         return [(arm["name"] if top == 1 else f"{arm['name']}-{i}", cfg.to_dict()) for i, (_, cfg, _) in enumerate(found, 1)]
     if "config" in arm:
         return [(arm["name"], C.load_yaml(os.path.expanduser(arm["config"]), f"{where}.config"))]
