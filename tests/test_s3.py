@@ -15,7 +15,7 @@ import optuna
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import metric_rows
+from conftest import metric_rows, wait_for
 from gopc.cli import main as gopc_main
 from gopc.sweep.recovery import load_trials
 
@@ -55,14 +55,10 @@ def keys(client, prefix="") -> list[str]:
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def wait_for(predicate, proc, what):
-    """Polls until `predicate` holds; fails at once if the sweep ended first (no fixed sleeps)."""
-    while not predicate():
-        assert proc.poll() is None, f"the sweep ended before {what}"
-        try:
-            proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            pass
+def until(predicate, proc, what, timeout: float = 300):
+    """Polls until `predicate` holds, with a deadline; fails at once if the sweep ended first."""
+    wait_for(lambda: predicate() or proc.poll() is not None, timeout, every=0.2)
+    assert predicate(), f"the sweep ended before {what}" if proc.poll() is not None else f"no {what} in {timeout} s"
 
 
 def reports(folder) -> int:
@@ -74,8 +70,8 @@ def test_a_sweep_on_s3_killed_and_resumed_finishes_every_trial_once(s3, tmp_path
                             stderr=subprocess.DEVNULL)
     try:
         # mid-sweep: a trial has reported, and its checkpoint is on S3 to resume from
-        wait_for(lambda: reports(tmp_path) >= 1 and any("/checkpoint_" in k for k in keys(s3, "results/")),
-                 proc, "the first checkpoint reached S3")
+        until(lambda: reports(tmp_path) >= 1 and any("/checkpoint_" in k for k in keys(s3, "results/")),
+              proc, "the first checkpoint reached S3")
         live = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{tmp_path}/optuna.db")
         assert live.trials and all(t.user_attrs["tune_trial_id"] for t in live.trials)  # readable during the sweep
     finally:

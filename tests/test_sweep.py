@@ -6,7 +6,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import mlflow
 import optuna
@@ -14,6 +13,7 @@ import pytest
 import ray
 import yaml
 
+from conftest import wait_for
 from gopc.cli import main as gopc_main
 from gopc.errors import ConfigError
 from gopc.sweep import settings as S
@@ -143,6 +143,21 @@ def test_best_with_a_larger_top_than_the_sweep_finished_says_how_many_it_exporte
                                                        "end; exported those")
 
 
+def test_a_study_arm_asking_more_configs_than_the_sweep_trained_is_refused(smoke, tmp_path, monkeypatch, capsys):
+    from gopc.sweep.study import main as study_main
+    folder, settings, client = smoke
+    monkeypatch.chdir(tmp_path)
+    n = len([c for c in runs_of(client, "trial") if c.data.tags["status"] in ("learned", "collapsed")])
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump({
+        "tracking_uri": f"sqlite:///{folder}/mlflow.db", "base": settings.base,
+        "arms": [{"name": "gopc2", "sweep": "gopc2_stability", "top": 99}, {"name": "gopc1", "set": {"model.kind": "gopc1"}}]}))
+    assert study_main(["--config", "study.yaml"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"gopc2_study: error: arms[0].top: 99 configs asked, but sweep 'gopc2_stability' has only {n} trial(s) that "
+        f"trained to the end; set top to at most {n}"]
+    assert sorted(os.listdir(tmp_path)) == ["study.yaml"]
+
+
 def test_a_sweep_with_nothing_to_export_says_what_became_of_its_trials():
     from gopc.sweep.export import _tally
     study = optuna.create_study()
@@ -249,9 +264,7 @@ def test_a_killed_sweep_resumes_with_every_trial_finished_exactly_once(tmp_path)
             "--preset", "smoke", "--set", "num_samples=4", "--set", "max_concurrent=1"]
     proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while _finished_children(str(tmp_path / "mlflow.db")) < 2 and time.time() < deadline:
-        time.sleep(1)
+    wait_for(lambda: _finished_children(str(tmp_path / "mlflow.db")) >= 2 or proc.poll() is not None, 240)
     assert proc.poll() is None, "the sweep ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, mid-sweep
     proc.wait()
