@@ -23,7 +23,7 @@ from gopc.sweep.settings import study_file
 # Tune trial id -> the checkpoint of its last validation (not a divergence's: its grids are stale). A
 # module-level map because the searcher and the callbacks are pickled and restored apart by Tune.
 _LAST_GRIDS: dict[str, object] = {}
-GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py)
+GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py), for Optuna and MLflow
 OUTCOMES = ("learned", "collapsed", "stopped early", "diverged", "errored")
 
 
