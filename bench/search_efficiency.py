@@ -12,7 +12,9 @@ same seed; trials run one at a time, so each proposal has seen every earlier res
 (they would hand every searcher the thesis' configs), FIFO (no early stopping: the searcher alone differs).
 
 - service: `make_searcher` of gopc/sweep/run.py, DivergenceAwareOptunaSearch: a diverged trial is told
-  COMPLETE with a penalty and a `diverged` constraint, a collapsed one a smaller `collapsed` constraint.
+  COMPLETE with its last validation (or the blank frame's error) and a `diverged` constraint, a collapsed
+  one a smaller `collapsed` constraint. (Until issue 23 the diverged value was a 1e6 penalty; TPE ranks
+  infeasible trials by their violation alone, so the searches should not change: docs/performance.md.)
 - plain: Ray's OptunaSearch(space, metric, mode, seed) as Ray's examples wire it; a diverged trial reports
   its metric as it is, NaN (the guard still stops it in the same step, so it costs what it costs above).
 - random: Ray's OptunaSearch with Optuna's RandomSampler(seed).

@@ -35,12 +35,29 @@ def predict_all(model, sequences, cfg: Config, chunk: int = 50) -> tuple[torch.T
     return torch.cat(xs), {k: torch.cat(v) for k, v in outs.items()}
 
 
+def scored_frames(cfg: Config) -> dict[str, slice]:
+    """The frames each section is scored on: all (posterior), from the second (prior), after the context (rollout)."""
+    return {"posterior": slice(0, None), "prior": slice(1, None), "rollout": slice(context_frames(cfg), None)}
+
+
+def blank_scores(sequences, cfg: Config) -> dict:
+    """`{section}/blank_{metric}` as evaluate() reports them, without a model: what a run that diverged
+    before its first validation is measured against (the sweep tells Optuna this, not a penalty)."""
+    x = to_float(sequences)
+    out = {}
+    for name, sel in scored_frames(cfg).items():
+        target = x[:, sel]
+        out.update({f"{name}/blank_{k}": v for k, v in summarise(frame_metrics(torch.zeros_like(target), target)).items()
+                    if k in METRIC_NAMES})
+    return out
+
+
 def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, dict[str, str]]:
     """Returns flat metrics (`posterior/mse`, `prior/mse_std`, `rollout/blank_mse`, ...) and the files
     written to out_dir: PNG grids and curves.json (none when out_dir is None: a quick validation)."""
     x, pred = predict_all(model, sequences, cfg)
     ctx = context_frames(cfg)
-    frames = {"posterior": slice(0, None), "prior": slice(1, None), "rollout": slice(ctx, None)}
+    frames = scored_frames(cfg)
     metrics, curves = {}, {}
     for name, sel in frames.items():
         target = x[:, sel]

@@ -26,7 +26,7 @@ def this_session(pid: int, args: str) -> bool:
         return False
 
 PATTERNS = ("gcs_server", "raylet", "ray::", "mlflow server", "mlflow.server", "uvicorn", "sshd -D -e -f",
-            "dashboard/agent.py", "log_monitor.py", "ray/autoscaler")
+            "dashboard/agent.py", "log_monitor.py", "ray/autoscaler", "optuna-dashboard")
 ADDRESS_FILE = "/tmp/ray/ray_current_cluster"
 
 
@@ -103,7 +103,7 @@ SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     """One small local sweep (6 trials; trial 0 is the naive baseline), shared by the sweep's assertions
-    (test_sweep.py) and the browser's (test_mlflow_ui.py)."""
+    (test_sweep.py) and the browsers' (test_mlflow_ui.py, test_optuna_dashboard.py)."""
     import mlflow
     import ray
 

@@ -258,17 +258,18 @@ def test_a_nan_pixel_is_a_data_error_not_divergence(tmp_path, monkeypatch):
 
 
 def test_optuna_never_sees_nan(tmp_path):
-    """A NaN validation objective without divergence (possible with a broken metric) is reported as the
-    penalty, so no Optuna trial is left RUNNING."""
+    """A NaN validation objective without divergence (possible with a broken metric) is reported to Tune as
+    the penalty and to Optuna as the blank frame's error (no finite validation before it), so no Optuna
+    trial is left RUNNING and none holds the penalty."""
     from gopc.sweep.trainable import TuneHooks
     reports = []
     hooks = TuneHooks("prior/mse", 1e6, str(tmp_path), margin=0.1)
     hooks.report = lambda metrics, with_checkpoint: reports.append(metrics)
-    hooks.evaluated(10, {"prior/mse": float("nan")}, {})
-    assert reports[0]["objective"] == 1e6
+    hooks.evaluated(10, {"prior/mse": float("nan"), "prior/blank_mse": 0.025}, {})
+    assert reports[0]["objective"] == 1e6 and reports[0]["study_value"] == 0.025
     study = optuna.create_study()
     trial = study.ask()
-    study.tell(trial, reports[0]["objective"])
+    study.tell(trial, reports[0]["study_value"])
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
 

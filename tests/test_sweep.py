@@ -109,6 +109,37 @@ def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasi
             assert t.constraints["diverged"] == 0 and t.value < 1
 
 
+def test_every_value_in_the_study_is_a_real_validation_named_and_noted(smoke):
+    """No penalty in the study: every value and intermediate value within 10x the blank frame's error
+    (a diverged trial's value is its last validation, or the blank frame's error); the objective named;
+    each trial's outcome in its user attrs and its note; the study's note current."""
+    from optuna_dashboard._note import get_note  # the dashboard's own reader of save_note's format
+    folder, settings, client = smoke
+    study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{folder}/optuna.db")
+    trials = runs_of(client, "trial")
+    blank = next(r.data.metrics["val/prior/blank_mse"] for r in trials if "val/prior/blank_mse" in r.data.metrics)
+    assert study.metric_names == ["prior/mse"]
+    for t in study.trials:
+        values = [v for v in [t.value, *t.intermediate_values.values()] if v is not None]
+        assert values and all(0 < v <= 10 * blank for v in values), (t.number, values, blank)
+        status = t.user_attrs["status"]
+        note = get_note(optuna.Trial(study, t._trial_id))
+        assert note.startswith(f"## Trial {t.number}: {status}")
+        assert f"/runs/{t.user_attrs['mlflow_run_id']})" in note  # its MLflow run, one click away
+        if status == "diverged":
+            assert f"at step {t.user_attrs['diverged_step']}" in note and t.user_attrs["diverged_quantity"] in note
+            run = next(r for r in trials if r.info.run_id == t.user_attrs["mlflow_run_id"])
+            history = client.get_metric_history(run.info.run_id, "val/prior/mse")
+            assert t.value == pytest.approx(history[-1].value if history else blank)  # its last validation, else blank
+            assert not t.intermediate_values or max(t.intermediate_values) < t.user_attrs["diverged_step"]
+        else:
+            assert "| prior MSE" in note and [k for k in t.system_attrs if k.startswith("artifacts:")]  # its grids
+    counts = {s: sum(t.user_attrs["status"] == s for t in study.trials) for s in TERMINAL}
+    note = get_note(study)
+    assert "`prior/mse`" in note and f"**{len(study.trials)} trials finished**" in note
+    assert all(f"{n} {s}" in note for s, n in counts.items() if n)
+
+
 def test_best_configs_train_unchanged_and_the_multi_seed_check_reports_survivors(smoke, tmp_path, monkeypatch, capsys):
     folder, settings, client = smoke
     monkeypatch.chdir(folder)
@@ -170,7 +201,7 @@ def test_a_sweep_with_nothing_to_export_says_what_became_of_its_trials():
 
 
 def test_searcher_steers_away_from_the_region_that_diverges():
-    """Divergence iff x > 0.5: with diverged trials told COMPLETE(penalty) + infeasible, TPE stops
+    """Divergence iff x > 0.5: with diverged trials told COMPLETE(an honest value) + infeasible, TPE stops
     proposing that region, where FAIL (Ray's default for a raised trial) would teach it nothing."""
     space = S.parse_space({"train.lr": {"low": 0.0001, "high": 0.01, "log": True},
                            "stab.inner_lr_h": {"low": 0.0, "high": 1.0}}, {"model": {"kind": "gopc2"}})
@@ -181,14 +212,14 @@ def test_searcher_steers_away_from_the_region_that_diverges():
         config = searcher.suggest(f"t{i}")
         x = config["stab.inner_lr_h"]
         picks.append(x > 0.5)
-        result = ({"objective": 1e6, "diverged": 1.0, "step": 3} if x > 0.5
+        result = ({"objective": 1e6, "study_value": 0.4, "diverged": 1.0, "step": 3} if x > 0.5
                   else {"objective": 0.05 + abs(x - 0.25), "diverged": 0.0, "step": 100,  # as a trial that learned
                         "learned": 1.0, "val/prior/skill_mse": 0.3})
         searcher.on_trial_complete(f"t{i}", result)
     trials = searcher._ot_study.trials
     diverged = [t for t in trials if t.user_attrs["diverged"]]
     assert diverged and all(t.state == optuna.trial.TrialState.COMPLETE and t.constraints["diverged"] > 1
-                            for t in diverged)
+                            and t.value == 0.4 for t in diverged)  # the trial's study_value, not Tune's penalty
     assert sum(picks[20:]) <= 3, picks  # the second half keeps away from the diverging region
 
 
@@ -202,6 +233,29 @@ def test_stopped_early_trials_are_pruned_and_errors_fail():
     searcher.on_trial_complete("b", None, error=True)
     states = [t.state for t in searcher._ot_study.trials]
     assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL]
+
+
+def test_intermediate_values_are_only_real_validations():
+    """A divergence's report (Tune's penalty) and a non-finite validation are no intermediate values; a
+    trial's last validation, which Tune hands the searcher only with its end, is."""
+    space = S.parse_space({"stab.inner_lr_h": {"low": 0.0, "high": 1.0}}, {"model": {"kind": "gopc2"}})
+    searcher = DivergenceAwareOptunaSearch(space=SearchSpace(space), metric="objective", mode="min", seed=0,
+                                           total_steps=30)
+    for tid in ("d", "l"):
+        searcher.suggest(tid)
+    searcher.on_trial_result("d", {"objective": 0.05, "val/prior/mse": 0.05, "diverged": 0.0, "step": 10})
+    searcher.on_trial_result("d", {"objective": 0.05, "val/prior/mse": float("nan"), "diverged": 0.0, "step": 20})
+    last = {"objective": 1e6, "study_value": 0.05, "diverged": 1.0, "step": 23}
+    searcher.on_trial_result("d", last)
+    searcher.on_trial_complete("d", last)
+    searcher.on_trial_result("l", {"objective": 0.04, "val/prior/mse": 0.04, "diverged": 0.0, "step": 10})
+    searcher.on_trial_complete("l", {"objective": 0.03, "study_value": 0.03, "val/prior/mse": 0.03, "diverged": 0.0,
+                                     "step": 30, "learned": 1.0, "val/prior/skill_mse": 0.2})
+    d, l = searcher._ot_study.trials
+    assert d.intermediate_values == {10: 0.05} and d.value == 0.05 and d.constraints["diverged"] > 0
+    assert l.intermediate_values == {10: 0.04, 30: 0.03} and l.value == 0.03 and l.constraints == {"diverged": 0.0, "collapsed": 0.0}
+    assert searcher._ot_study.best_trial.number == l.number  # Optuna's best: the feasible (learned) one
+    assert searcher._ot_study.metric_names == ["prior/mse"]
 
 
 BASE = {"model": {"kind": "gopc2"}}

@@ -139,12 +139,16 @@ def make_searcher(s: S.Settings, start_points: list):
     """The searcher on the sweep's study (created, or loaded as it is); `start_points` are queued in it."""
     import optuna
 
+    from gopc.sweep.notes import Notes, artifact_dir
     from gopc.sweep.searcher import DivergenceAwareOptunaSearch, open_storage
     from gopc.sweep.space import SearchSpace
     base = C.from_dict(s.base)
     tpe = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    notes = Notes(s.metric, s.mode, base.train.learned_margin, s.mlflow_uri, s.mlflow_experiment,
+                  artifact_dir(s.study_storage))
     return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, sampler=tpe,
                                        total_steps=base.train.steps, margin=base.train.learned_margin,
+                                       objective_name=s.metric, notes=notes,
                                        points_to_evaluate=start_points or None,
                                        storage=open_storage(s.study_storage), study_name=s.name)
 
@@ -180,6 +184,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
     and `tracked=False` (no MLflow callback), to measure what each costs; the service uses the defaults."""
     from ray import tune
 
+    from gopc.sweep.notes import LastGrids
     from gopc.sweep.tracking import SweepTracker
 
     steps = C.from_dict(s.base).train.steps
@@ -194,7 +199,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[interrupt.StopOnSignal()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
+            callbacks=[interrupt.StopOnSignal(), LastGrids()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
                                                                   pending_path(s))] if tracked else [])),
     )
 
@@ -298,6 +303,7 @@ def resume_command(kind: Kind, argv) -> str:
 
 
 def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
+    from gopc.sweep.notes import ui_address
     from gopc.sweep.parent_run import view_link
     try:
         args = parse_args(argv, default_config, kind)
@@ -314,7 +320,7 @@ def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: K
     uri = s.mlflow_uri
     ui = (f"mlflow ui --backend-store-uri {uri} --port 5000" if uri.startswith("sqlite")
           else f"open {uri} (on a cluster: ray dashboard cluster/gpu.yaml --port 5000 --remote-port 5000)")
-    address = "http://127.0.0.1:5000" if uri.startswith("sqlite") else uri.rstrip("/")
+    address = ui_address(uri) or uri.rstrip("/")
     view = view_link(uri, where.pop(), s.name)
     print("\n" + "\n".join(where + [f"MLflow UI: {ui}"] + [f"then the trials' view: {address}/{view}"] * bool(view)) + "\n")
     return 0

@@ -17,17 +17,21 @@ models "good" as: learned by objective, then stopped early, then collapsed by ho
 The study lives in persistent storage (settings.study_storage), where every ask and tell is committed
 at once, so it can be read while the sweep runs (optuna.load_study, optuna-dashboard) and after it
 without Ray. Each Optuna trial carries its Tune trial id, and on a restore the storage, not the pickle
-Tune saved, says which Optuna trial belongs to which Tune trial.
+Tune saved, says which Optuna trial belongs to which Tune trial. What the dashboard shows beyond the
+values (outcome notes, grids, the study's note) is gopc/sweep/notes.py's, written before each tell.
 """
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from gopc.errors import GopcError
+from gopc.sweep.notes import Notes
 from gopc.sweep.settings import study_file
 
 TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
@@ -70,15 +74,31 @@ def collapse_constraint(result: dict, margin: float) -> float:
 
 
 def trained(t: optuna.trial.FrozenTrial) -> bool:
-    """Complete and not diverged: its value is a real validation metric, not the divergence penalty
-    (a collapsed trial is infeasible for TPE, yet its value is as real as a learned one's)."""
+    """Complete and not diverged: its value is what its config trained to, not a validation from before a
+    blow-up (a collapsed trial is infeasible for TPE, yet its value is as real as a learned one's)."""
     return t.state == TrialState.COMPLETE and t.constraints.get("diverged", 0.0) <= 0
 
 
+def validation(result: dict, metric: str) -> float | None:
+    """The objective of a result that is a real validation: finite, not a divergence's report."""
+    value = result.get(f"val/{metric}")
+    if result.get("diverged") or value is None or not math.isfinite(float(value)):
+        return None
+    return float(value)
+
+
 class DivergenceAwareOptunaSearch(OptunaSearch):
-    def __init__(self, *args, total_steps: int, margin: float = 0.1, **kwargs):
+    def __init__(self, *args, total_steps: int, margin: float = 0.1, objective_name: str = "prior/mse",
+                 notes: Notes | None = None, **kwargs):
+        # before OptunaSearch's __init__, which sets the study up (_setup_study) when given its space
+        self.total_steps, self.margin, self.objective_name, self.notes = total_steps, margin, objective_name, notes
         super().__init__(*args, **kwargs)
-        self.total_steps, self.margin = total_steps, margin
+
+    def _setup_study(self, mode):
+        super()._setup_study(mode)
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and what the dashboard reads
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([self.objective_name])  # the dashboard's axis, not "Objective 0"
 
     def suggest(self, trial_id: str):
         asked = trial_id in self._ot_trials
@@ -86,6 +106,13 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         if not asked:
             self._ot_trials[trial_id].set_user_attr(TUNE_ID, trial_id)
         return config
+
+    def on_trial_result(self, trial_id: str, result: dict):
+        """Optuna's intermediate values: the validations, at their step (never a penalty)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        value = validation(result, self.objective_name)
+        if ot_trial is not None and value is not None and trial_id not in self._completed_trials:
+            ot_trial.report(value, int(result.get("step", 0)))
 
     def restore(self, checkpoint_path: str):
         """Tune's --resume: the pickle brings back the sampler (its random state) and the storage; the
@@ -120,11 +147,24 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             ot_trial.set_constraint("diverged", 0.0)
         if status in COMPLETED or status == "stopped early":
             ot_trial.set_constraint("collapsed", collapse_constraint(result or {}, self.margin))
+        if self.notes is not None:
+            self.notes.trial(ot_trial, trial_id, status, result)
         if status == "stopped early":
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
-            return None
-        return super().on_trial_complete(trial_id, result, error)
+        else:
+            # Tune passes the searcher no result that ends a trial (ASHA's max_t): the last validation of a
+            # trial that trained to the end joins its intermediate values here. Not a pruned trial's: TPE
+            # ranks those by their last intermediate value, and that ranking stays as it was.
+            if (value := validation(result or {}, self.objective_name)) is not None \
+                    and int(result.get("step", 0)) not in ot_trial._cached_frozen_trial.intermediate_values:
+                ot_trial.report(value, int(result.get("step", 0)))
+            if result and "study_value" in result:  # the honest value, not Tune's penalty
+                result = {**result, self.metric: result["study_value"]}
+            super().on_trial_complete(trial_id, result, error)
+        if self.notes is not None:
+            self.notes.study(self._ot_study)
+        return None
 
 
 def trial_status(result: dict | None, error: bool, total_steps: int) -> str:

@@ -108,8 +108,8 @@ def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
 
 
 def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
-    """Optuna's own views of the study. All but the history leave diverged trials out: their value is the
-    penalty, which would flatten every axis (Optuna leaves out NaN targets)."""
+    """Optuna's own views of the study. All but the history leave diverged trials out: their value is a
+    validation from before the blow-up, not what their config trains to (Optuna leaves out NaN targets)."""
     def objective(t):
         return t.value if trained(t) else float("nan")
 
@@ -154,7 +154,7 @@ def _history(study: optuna.Study):
         pad = (max(values) - min(values)) * 0.1 or abs(values[0]) * 0.1 or 1.0
         ax.set_ylim(min(values) - pad, max(values) + pad)
     off = sum(t.state == optuna.trial.TrialState.COMPLETE and not trained(t) for t in study.trials)
-    ax.set_title(f"optimisation history ({off} diverged trials at the penalty, off the scale)")
+    ax.set_title(f"optimisation history ({off} diverged trials at their last validation, infeasible)")
     return ax
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from ray import tune
 
 from gopc import config as C
+from gopc.sweep.notes import GRIDS  # eval/*.png drawn at every validation, logged as MLflow images
 from gopc.sweep.searcher import trial_status
 from gopc.sweep.space import trial_config
 from gopc.tracking import logged_steps
@@ -31,7 +32,6 @@ LOGGED = ("diverged", "learned", "diverged_step", "max_grad_norm_before")
 # The MLflow status each outcome ends in, so the runs table shows it by its icon.
 RUN_STATUS = {"learned": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
               "stopped early": "KILLED", "interrupted": "KILLED"}  # interrupted: a signal to the driver
-GRIDS = ("inference", "rollout")  # eval/*.png drawn at every validation, logged as MLflow images
 
 
 def run_name(config: dict) -> str:

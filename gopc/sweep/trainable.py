@@ -3,7 +3,10 @@
 Each Tune iteration is `report_every` training steps followed by a validation pass, so ASHA compares
 trials on the objective itself. A diverged trial reports once more, in the step its guard fired, with
 a finite penalty as the objective and `diverged=1`, then returns: it never raises, because a raised
-trial is retried by FailureConfig and ignored by TPE. A study's trial (one arm, one seed), having
+trial is retried by FailureConfig and ignored by TPE. The penalty is for Tune alone (ASHA must rank a
+diverged trial last); every report also carries `study_value`, what the Optuna study is told instead:
+the last finite validation of the objective, or the blank frame's score before there was one, a real
+number on the objective's own scale. A study's trial (one arm, one seed), having
 selected nothing on the test split, is then evaluated on it once, for the verdict.
 """
 from __future__ import annotations
@@ -14,7 +17,7 @@ import shutil
 import torch
 from ray import tune
 
-from gopc.evaluate import TEST_DIR, evaluate_saved, outcome
+from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, outcome
 from gopc.sweep.space import trial_config
 from gopc.train import Hooks, train
 
@@ -29,6 +32,19 @@ class TuneHooks(Hooks):
         self.last_train: dict = {}
         self.last_report: dict = {}
         self.checkpoint: str | None = None
+        self.cfg = None
+        self.last_value: float | None = None  # the last finite validation of the objective
+
+    def started(self, cfg, run_dir, n_params):
+        self.cfg = cfg
+
+    def blank_value(self, metrics: dict | None = None) -> float:
+        """The blank frame's score on the objective, from a validation's metrics or, before any, computed."""
+        section, name = self.metric.split("/")
+        if metrics is None:
+            from gopc.data import build_datasets
+            metrics = blank_scores(build_datasets(self.cfg.data)["val"][: self.cfg.train.eval_size], self.cfg)
+        return float(metrics.get(f"{section}/blank_{name}", float("nan")))
 
     def schedule(self, t, report_every: int) -> None:
         """Validate and checkpoint at every Tune iteration (`t` is the trial's train config); a restarted
@@ -42,14 +58,19 @@ class TuneHooks(Hooks):
     def evaluated(self, step, metrics, images):
         objective = metrics.get(self.metric, float("nan"))
         finite = objective == objective and abs(objective) != float("inf")
+        if finite:
+            self.last_value = float(objective)
         report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
                   "objective": objective if finite else self.penalty, "diverged": 0.0,
+                  "study_value": self.last_value if self.last_value is not None else self.blank_value(metrics),
                   "learned": float(outcome(metrics, self.margin) == "learned")}
         self.report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
         # last_train holds the last finite step's loss and norms (train.py reports them just before)
+        value = self.last_value if self.last_value is not None else self.blank_value()
         self.report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
+                     "study_value": value, "validated_before": float(self.last_value is not None),
                      "diverged_step": record.step, "diverged_quantity": record.quantity,
                      "diverged_frame": -1 if record.frame is None else record.frame,
                      "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)

@@ -1,0 +1,183 @@
+"""The study as optuna-dashboard shows it: each trial's outcome as a note (Markdown, `optuna_dashboard.save_note`)
+with a link to its MLflow run, its last validation's prediction grids as Optuna artifacts, and the study's
+note: what the objective is, how many trials ended how, and the best learned trial, rewritten at each
+finished trial so that it is current while the sweep runs.
+
+The searcher calls `Notes.trial` just before it tells Optuna the trial's end: a finished Optuna trial takes no
+more attributes, and Tune calls its callbacks only after the searcher. The grids come from the trial's
+last checkpoint, which `LastGrids` (a Tune callback on the same driver) notes as Tune hands it over.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+from ray import tune
+
+from gopc.sweep.settings import study_file
+
+# Tune trial id -> the checkpoint of its last validation (not a divergence's: its grids are stale). A
+# module-level map because the searcher and the callbacks are pickled and restored apart by Tune.
+_LAST_GRIDS: dict[str, object] = {}
+GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py), for Optuna and MLflow
+OUTCOMES = ("learned", "collapsed", "stopped early", "diverged", "errored")
+
+
+class LastGrids(tune.Callback):
+    def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
+        if not (trial.last_result or {}).get("diverged"):
+            _LAST_GRIDS[trial.trial_id] = checkpoint
+
+
+def artifact_dir(study_storage: str) -> str:
+    """Optuna's artifacts beside the study's file (optuna-artifacts/), else in the working directory (a
+    database server: on a cluster that is the head, where optuna-dashboard runs)."""
+    path = study_file(study_storage)
+    return os.path.join(os.path.dirname(os.path.abspath(path)) if path else os.getcwd(), "optuna-artifacts")
+
+
+def ui_address(tracking_uri: str) -> str:
+    """Where a user opens the MLflow UI of a tracking URI: the server itself, or for a SQLite file the
+    address `mlflow ui` serves it at (what the sweep prints at its end); "" when there is none."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return "http://127.0.0.1:5000" if tracking_uri.startswith("sqlite:///") else ""
+
+
+def mlflow_run(tracking_uri: str, experiment: str, trial_id: str) -> tuple[str, str] | None:
+    """(experiment id, run id) of a trial's MLflow run, None while MLflow is away or has no such run
+    (a SQLite file that does not exist is not created just to look)."""
+    path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
+    if path is not None and not os.path.isfile(path):
+        return None
+    try:
+        import mlflow
+        client = mlflow.MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1) if exp else []
+    except Exception:  # noqa: BLE001: the note goes without its link rather than the sweep without its note
+        return None
+    return (exp.experiment_id, runs[0].info.run_id) if runs else None
+
+
+def _f(v, spec=".4f") -> str:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return "-"
+    return format(v, spec) if math.isfinite(v) else "-"
+
+
+def trial_note(number: int, trial_id: str, status: str, result: dict, metric: str, margin: float,
+               run_link: str, grids: list[str]) -> str:
+    """A trial's note, in optuna-dashboard's Markdown."""
+    r = result or {}
+    lines = [f"## Trial {number}: {status}", ""]
+    if status == "diverged":
+        step = int(r.get("diverged_step", 0))
+        when = ("after validating; its value is its last validation" if r.get("validated_before")
+                else "before its first validation, so its value is the blank frame's score")
+        lines += [f"**Diverged** at step {step}: non-finite `{r.get('diverged_quantity', '?')}` "
+                  f"(max gradient norm before: {_f(r.get('max_grad_norm_before'), '.3g')}). It diverged {when}; "
+                  "the constraint `diverged` > 0 marks it infeasible.", ""]
+    elif status == "learned":
+        lines += [f"**Learned**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '.0%')} below the better "
+                  f"trivial prediction (margin {margin:.0%}).", ""]
+    elif status == "collapsed":
+        lines += [f"**Collapsed**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '+.0%')} against the "
+                  f"better trivial prediction (margin {margin:.0%}): it learned nothing useful; the constraint "
+                  "`collapsed` > 0 marks it infeasible.", ""]
+    elif status == "stopped early":
+        lines += [f"**Stopped early** by ASHA at step {int(r.get('step', 0))}: told PRUNED, with the validations Tune "
+                  "passed on before that one as its intermediate values.", ""]
+    if "val/prior/mse" in r:
+        lines += ["| last validation | value | blank frame | last frame | skill |", "|---|---|---|---|---|",
+                  f"| prior MSE (step {int(r.get('step', 0))}) | {_f(r.get('val/prior/mse'))} | {_f(r.get('val/prior/blank_mse'))} "
+                  f"| {_f(r.get('val/prior/last_mse'))} | {_f(r.get('val/prior/skill_mse'), '+.2f')} |",
+                  f"| prior SSIM | {_f(r.get('val/prior/ssim'), '.3f')} | {_f(r.get('val/prior/blank_ssim'), '.3f')} "
+                  f"| {_f(r.get('val/prior/last_ssim'), '.3f')} | {_f(r.get('val/prior/skill_ssim'), '+.2f')} |", ""]
+    lines.append(f"MLflow run: [{run_link}]({run_link})" if run_link else
+                 f"MLflow run: not found (tag `trial_id` = `{trial_id}`; MLflow may have been away)")
+    if grids:
+        lines += ["", f"Prediction grids of its last validation, in the artifacts below: {', '.join(grids)}."]
+    return "\n".join(lines)
+
+
+def study_note(study: optuna.Study, metric: str, mode: str, margin: float) -> str:
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    counts = {k: sum(t.user_attrs.get("status") == k for t in trials) for k in OUTCOMES}
+    learned = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "learned"]
+    best = (min if mode == "min" else max)(learned, key=lambda t: t.value) if learned else None
+    return "\n".join([
+        f"## {study.study_name}", "",
+        f"**Objective**: `{metric}` on the validation split ({mode}imise): the one-step prior's error when the "
+        f"metric is `prior/mse`. A trial has **learned** when its prior's MSE beats both a blank frame and the last "
+        f"frame by {margin:.0%}; else it **collapsed**.", "",
+        "Every value is a real validation: a diverged trial's value is its last validation (or the blank frame's "
+        "score when it diverged before any), and it is infeasible (`diverged` > 0), as a collapsed one is "
+        "(`collapsed` > 0). Trials stopped early by ASHA are PRUNED.", "",
+        f"**{len(trials)} trials finished**: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), "",
+        f"**Best learned trial**: {best.number} ({metric} {best.value:.4f})" if best else
+        "**Best learned trial**: none yet (no trial has learned); optuna-dashboard's Best Trial card then shows "
+        "the lowest value, whatever its outcome.",
+    ])
+
+
+@dataclass
+class Notes:
+    """What the searcher needs to write notes and artifacts; plain strings, so it pickles with the searcher."""
+    metric: str
+    mode: str
+    margin: float
+    tracking_uri: str = ""
+    experiment: str = ""
+    artifacts: str = ""  # a folder for optuna.artifacts.FileSystemArtifactStore; "" = none
+
+    def trial(self, ot_trial: optuna.Trial, trial_id: str, status: str, result: dict | None) -> None:
+        """Outcome, grids and note of a trial that is about to be told (still RUNNING). A failure here
+        costs the note, never the tell: a trial left RUNNING would be lost to TPE and to --resume."""
+        try:
+            self._trial(ot_trial, trial_id, status, result or {})
+        except Exception as e:  # noqa: BLE001
+            print(f"optuna-dashboard note of trial {ot_trial.number} not written ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+
+    def _trial(self, ot_trial: optuna.Trial, trial_id: str, status: str, result: dict) -> None:
+        if "diverged_quantity" in result:
+            ot_trial.set_user_attr("diverged_quantity", str(result["diverged_quantity"]))
+        grids = self.upload_grids(ot_trial, trial_id)
+        run = mlflow_run(self.tracking_uri, self.experiment, trial_id) if self.tracking_uri else None
+        link = f"{ui_address(self.tracking_uri)}/#/experiments/{run[0]}/runs/{run[1]}" if run and ui_address(self.tracking_uri) else ""
+        if run:
+            ot_trial.set_user_attr("mlflow_run_id", run[1])
+        save_note(ot_trial, trial_note(ot_trial.number, trial_id, status, result, self.metric, self.margin, link, grids))
+
+    def upload_grids(self, ot_trial: optuna.Trial, trial_id: str) -> list[str]:
+        checkpoint = _LAST_GRIDS.pop(trial_id, None)
+        if checkpoint is None or not self.artifacts:
+            return []
+        os.makedirs(self.artifacts, exist_ok=True)
+        store = optuna.artifacts.FileSystemArtifactStore(self.artifacts)
+        done = []
+        with checkpoint.as_directory() as folder:
+            for name in GRIDS:
+                if os.path.isfile(path := os.path.join(folder, "eval", f"{name}.png")):
+                    optuna.artifacts.upload_artifact(artifact_store=store, file_path=path, study_or_trial=ot_trial,
+                                                     mimetype="image/png")
+                    done.append(f"{name}.png")
+        return done
+
+    def study(self, study: optuna.Study) -> None:
+        try:
+            save_note(study, study_note(study, self.metric, self.mode, self.margin))
+        except Exception as e:  # noqa: BLE001: as for a trial's note
+            print(f"optuna-dashboard note of the study not written ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def save_note(study_or_trial, body: str) -> None:
+    from optuna_dashboard import save_note as save  # the dashboard's own format, which it renders
+    save(study_or_trial, body)

@@ -1,0 +1,115 @@
+"""The Optuna study as a user opens it in optuna-dashboard after the smoke sweep: a real `optuna-dashboard` on
+loopback, read in headless Chromium (Debian's chromium, driven by Playwright), as test_mlflow_ui.py reads
+MLflow. What a user must see: the history chart scaled to the real objectives (no penalty), a diverged
+trial that says so, the objective by its name, and a trial's note with its MLflow link beside its
+prediction grids. The study page's screenshot goes to docs/ when GOPC_UPDATE_DOCS=1 (the README shows it)."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pytest
+from playwright.sync_api import sync_playwright
+
+from gopc.sweep.notes import artifact_dir
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/ci_system_deps.sh installs it)
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+
+
+@pytest.fixture(scope="module")
+def dashboard(smoke):
+    """`optuna-dashboard` over the smoke sweep's study and artifacts, and a headless Chromium page."""
+    folder, settings, client = smoke
+    storage = f"sqlite:///{folder}/optuna.db"  # the default: beside mlflow.db
+    study = optuna.load_study(study_name=settings.name, storage=storage)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # wsgiref: one process (its default, gunicorn, forks workers); the console script of this environment
+    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "optuna-dashboard"), storage,
+                               "--artifact-dir", artifact_dir(storage), "--server", "wsgiref",
+                               "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+                              cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base + "/api/studies", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            page.set_default_timeout(30_000)
+            yield base, page, study, client, folder
+            browser.close()
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def blank_error(client) -> float:
+    """The blank frame's prior MSE on the validation split: the same for every trial (one data set)."""
+    exp = client.get_experiment_by_name("gopc2_stability")
+    runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
+    return next(r.data.metrics["val/prior/blank_mse"] for r in runs if "val/prior/blank_mse" in r.data.metrics)
+
+
+def y_range(page, title: str) -> list[float]:
+    """The y range plotly laid out for the chart whose y axis is titled `title`, once it is drawn (the
+    charts render one after another: waited for, not read at once)."""
+    return page.wait_for_function("""t => { const e = [...document.querySelectorAll('.js-plotly-plot')]
+        .find(e => e._fullLayout && (e._fullLayout.yaxis.title || {}).text === t);
+        return e && e._fullLayout.yaxis.range; }""", arg=title).json_value()
+
+
+def open_trial(page, base, study, number):
+    page.goto(f"{base}/dashboard/studies/{study._study_id}/trials")
+    page.get_by_text(f"Trial {number}", exact=True).first.click()
+    page.get_by_role("heading", name=f"Trial {number} (trial_id=").wait_for()
+
+
+def test_the_history_is_scaled_to_the_real_objectives_and_named(dashboard):
+    base, page, study, client, folder = dashboard
+    page.goto(f"{base}/dashboard/studies/{study._study_id}")
+    page.get_by_role("heading", name="History").wait_for()
+    low, high = y_range(page, "prior/mse")  # the history's axis: the objective by its name, not "Objective 0"
+    values = [t.value for t in study.trials if t.value is not None]
+    assert high >= max(values) and high <= 10 * blank_error(client), (low, high, values)  # no 1e6 penalty
+    shot = os.path.join(folder, "optuna_dashboard.png")
+    page.screenshot(path=shot, full_page=True)
+    if os.environ.get("GOPC_UPDATE_DOCS") == "1":
+        shutil.copy(shot, os.path.join(DOCS, "optuna_dashboard.png"))
+
+
+def test_a_diverged_trial_says_it_diverged(dashboard):
+    base, page, study, client, folder = dashboard
+    trial = next(t for t in study.trials if t.user_attrs.get("status") == "diverged")
+    open_trial(page, base, study, trial.number)
+    page.get_by_role("heading", name=f"Trial {trial.number}: diverged").wait_for()  # the note's title
+    page.get_by_text(f"Diverged at step {trial.user_attrs['diverged_step']}").wait_for()
+    page.get_by_text("status diverged").first.wait_for()  # the user attrs
+
+
+def test_a_trials_note_links_its_mlflow_run_beside_its_prediction_grids(dashboard):
+    base, page, study, client, folder = dashboard
+    trial = next(t for t in study.trials if t.user_attrs.get("status") in ("learned", "collapsed", "stopped early"))
+    run_id = trial.user_attrs["mlflow_run_id"]
+    assert client.get_run(run_id).data.tags["trial_id"] == trial.user_attrs["tune_trial_id"]
+    open_trial(page, base, study, trial.number)
+    page.get_by_role("heading", name=f"Trial {trial.number}: {trial.user_attrs['status']}").wait_for()
+    link = page.locator(f'a[href$="/runs/{run_id}"]')
+    assert link.first.get_attribute("href").startswith("http://127.0.0.1:5000/#/experiments/")  # `mlflow ui`'s address
+    images = page.locator('img[src*="/artifacts/"]')
+    images.first.scroll_into_view_if_needed()
+    images.first.wait_for()
+    assert images.count() == 2  # inference.png and rollout.png of its last validation
+    page.wait_for_function("() => [...document.querySelectorAll('img[src*=\"/artifacts/\"]')]"
+                           ".every(e => e.complete && e.naturalWidth > 0)")
