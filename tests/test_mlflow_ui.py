@@ -5,54 +5,28 @@ view grouping the trials by a stabilizer. The runs table's screenshot goes to do
 GOPC_UPDATE_DOCS=1 (the README shows it)."""
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 
+from browser import DOCS, served
 from gopc.sweep.parent_run import view_link
 from gopc.sweep.tracking import RUN_STATUS
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/ci_system_deps.sh installs it)
 GREEN, RED = "rgb(39, 124, 67)", "rgb(200, 45, 76)"  # MLflow 3.17's finished / failed-or-killed icons
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
 @pytest.fixture(scope="module")
 def ui(smoke):
     """`mlflow ui` over the smoke sweep's database, and a headless Chromium page."""
     folder, settings, client = smoke
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     uri = f"sqlite:///{folder}/mlflow.db"  # settings resolve "" against the test's folder, not the sweep's
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              cwd=folder, start_new_session=True,
-                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no GenAI job runner
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(base + "/health", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1700, "height": 760})
-            page.set_default_timeout(30_000)
-            yield base, page, client, (uri, folder, settings.name)
-            browser.close()
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    command = lambda port: [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,  # noqa: E731
+                            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no GenAI job runner
+    with served(command, "/health", folder, {"width": 1700, "height": 760}, env) as (base, page):
+        yield base, page, client, (uri, folder, settings.name)
 
 
 def open_runs(page, url):

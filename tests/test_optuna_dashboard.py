@@ -5,20 +5,14 @@ trial that says so, the objective by its name, and a trial's note with its MLflo
 prediction grids. The study page's screenshot goes to docs/ when GOPC_UPDATE_DOCS=1 (the README shows it)."""
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 
 import optuna
 import pytest
-from playwright.sync_api import sync_playwright
 
+from browser import DOCS, served
 from gopc.sweep.notes import artifact_dir
 
-CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/ci_system_deps.sh installs it)
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
 @pytest.fixture(scope="module")
@@ -27,32 +21,12 @@ def dashboard(smoke):
     folder, settings, client = smoke
     storage = f"sqlite:///{folder}/optuna.db"  # the default: beside mlflow.db
     study = optuna.load_study(study_name=settings.name, storage=storage)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # wsgiref: one process (its default, gunicorn, forks workers); the console script of this environment
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "optuna-dashboard"), storage,
-                               "--artifact-dir", artifact_dir(storage), "--server", "wsgiref",
-                               "--host", "127.0.0.1", "--port", str(port), "--quiet"],
-                              cwd=folder, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(base + "/api/studies", timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1600, "height": 1000})
-            page.set_default_timeout(30_000)
-            yield base, page, study, client, folder
-            browser.close()
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    command = lambda port: [os.path.join(os.path.dirname(sys.executable), "optuna-dashboard"), storage,  # noqa: E731
+                            "--artifact-dir", artifact_dir(storage), "--server", "wsgiref",
+                            "--host", "127.0.0.1", "--port", str(port), "--quiet"]
+    with served(command, "/api/studies", folder, {"width": 1600, "height": 1000}) as (base, page):
+        yield base, page, study, client, folder
 
 
 def blank_error(client) -> float:
