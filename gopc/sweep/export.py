@@ -2,6 +2,7 @@
 runs logged them, as YAML that `gopc train --config` runs unchanged."""
 from __future__ import annotations
 
+import collections
 import os
 
 import mlflow
@@ -58,10 +59,7 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
 
 def _tally(study: optuna.Study) -> str:
     """What became of a study's trials, e.g. '5 trials: 4 diverged, 1 running'."""
-    words = {}
-    for t in study.trials:
-        word = t.user_attrs.get("status") or t.state.name.lower()
-        words[word] = words.get(word, 0) + 1
+    words = collections.Counter(t.user_attrs.get("status") or t.state.name.lower() for t in study.trials)
     return f"{len(study.trials)} trials" + (": " + ", ".join(f"{n} {w}" for w, n in sorted(words.items())) if words else "")
 
 
