@@ -1,7 +1,7 @@
 """The service's own overhead: the same trials through the sweep service and through a bare Ray Tune +
 OptunaSearch loop, then through the service with each per-iteration cost switched off in turn.
 
-    python bench/overhead.py              # 2 trials x 300 steps at smoke size, reporting every 100 steps
+    python bench/overhead.py              # 2 trials x 300 steps of 64x64 frames (GEOMETRY), reporting every 100
     python bench/overhead.py --rounds 3   # more rounds, the median of each variant
     python bench/overhead.py --smoke      # tiny, seconds of training (what the tests run)
 
@@ -46,6 +46,8 @@ from gopc.sweep.trainable import TuneHooks  # noqa: E402
 from common import service_tuner, start_ray, sweep_folder, sweep_settings  # noqa: E402
 
 STABLE = {"stab.out_act": "sigmoid", "stab.inner_lr_h": 0.1}
+# The frames of the figures in docs/performance.md (the smoke preset's until it shrank to 32x32)
+GEOMETRY = {"data.frame_size": 64, "data.digit_size": 28, "data.seq_len": 10}
 
 
 class NoGrids(TuneHooks):
@@ -118,7 +120,7 @@ def bare_trial(config: dict, base: dict, report_every: int, metric: str) -> None
 def settings(a, folder: str) -> S.Settings:
     return sweep_settings(folder, "overhead", "smoke", [
         f"num_samples={a.trials}", "max_concurrent=1", f"report_every={a.report_every}", f"base.train.steps={a.steps}",
-        *(f"base.{k}={v}" for k, v in STABLE.items()), *a.set], seeds=a.trials)
+        *(f"base.{k}={v}" for k, v in {**GEOMETRY, **STABLE}.items()), *a.set], seeds=a.trials)
 
 
 def tuner(variant: str, s: S.Settings):

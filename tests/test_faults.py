@@ -9,7 +9,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import mlflow
@@ -148,22 +147,37 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     assert sum(t.run_metadata.num_failures for t in analysis.trials) >= 2
 
 
-@pytest.mark.parametrize("moment", ["before-first-result", "while-writing-the-summary"])
+def finished_trials(db) -> int:
+    """Trial runs an MLflow database (SQLite file or a server's) holds with a final status."""
+    try:
+        with sqlite3.connect(db, timeout=1) as con:
+            return con.execute("select count(*) from tags where key='status' and value in "
+                               "('learned','collapsed','diverged','stopped early')").fetchone()[0]
+    except sqlite3.Error:  # not created yet
+        return 0
+
+
+@pytest.mark.parametrize("moment", ["before-first-result", "between-trials", "while-writing-the-summary"])
 def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, moment):
-    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2"]
+    """SIGKILL to the driver and the local Ray it started (its process group): before any trial
+    reported, once a trial finished while the next ran (one at a time), and while the summary was
+    written. The resumed sweep ends with each trial once and none run again."""
+    n = 2
+    args = [sys.executable, SWEEP_PY] + FAST + ["--set", f"num_samples={n}"]
+    if moment == "between-trials":
+        args += ["--set", "max_concurrent=1"]
     proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
-    if moment == "before-first-result":
-        hit = wait_for(lambda: any(experiment.glob("run_trial_*")), 120)
-    else:
-        hit = wait_for(lambda: (experiment / "summary").exists(), 240)
+    hit = wait_for({"before-first-result": lambda: any(experiment.glob("run_trial_*")),
+                    "between-trials": lambda: finished_trials(tmp_path / "mlflow.db") >= 1,
+                    "while-writing-the-summary": lambda: (experiment / "summary").exists()}[moment], 240)
     assert hit and proc.poll() is None, f"the sweep ended before the moment {moment}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    analysis, client, runs, parents = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
+    analysis, client, runs, parents = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", n)
     assert {"trials.csv", "param_importances.png"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert parents[0].data.tags["status"] == "completed"
 
@@ -212,15 +226,7 @@ def test_tracking_server_going_away_mid_sweep_loses_nothing(tmp_path):
             "--set", "num_samples=3", "--set", "max_concurrent=1", "--set", f"tracking_uri={server.uri}"]
         proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        def finished_trials():
-            try:
-                with sqlite3.connect(tmp_path / "server.db", timeout=1) as con:
-                    return con.execute("select count(*) from tags where key='status' and value in "
-                                       "('learned','collapsed','diverged','stopped early')").fetchone()[0]
-            except sqlite3.Error:
-                return 0
-
-        assert wait_for(lambda: finished_trials() >= 1, 180)
+        assert wait_for(lambda: finished_trials(tmp_path / "server.db") >= 1, 180)
         server.stop()  # the server goes away while trials keep training
         pending = tmp_path / "mlflow_pending-gopc2_stability.pkl"  # the driver queues what it cannot write
         assert wait_for(pending.exists, 180), "the driver never noticed the outage"
