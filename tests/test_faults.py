@@ -27,7 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
 SWEEP_PY = os.path.join(ROOT, "sweeps", "gopc2_stability.py")
 TERMINAL = {"learned", "collapsed", "diverged", "stopped early", "errored"}
-FAST = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "base.train.steps=40", "--set", "start_points=[{stab.out_act: sigmoid}]"]
+SMOKE = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "start_points=[{stab.out_act: sigmoid}]"]
+# trials of 40 tiny steps: what these tests watch is the driver, Ray and the stores, not the training
+TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
+        "model": {"r_dim": 8, "ngf": 4}, "train": {"steps": 40, "batch_size": 4, "eval_size": 4}}
+TINY_SETS = [arg for section, fields in TINY.items() for k, v in fields.items() for arg in ("--set", f"base.{section}.{k}={v}")]
+FAST = SMOKE + TINY_SETS
 
 
 def free_port() -> int:
@@ -79,7 +84,7 @@ def test_trials_that_raise_or_run_out_of_memory_are_errored_and_the_sweep_goes_o
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(raw))
     try:
         code = sweep_main(["--config", "sweep.yaml", "--preset", "smoke", "--set", "num_samples=3",
-                           "--set", "max_failures=0", "--set", "base.train.steps=40"])
+                           "--set", "max_failures=0"] + TINY_SETS)
     finally:
         ray.shutdown()
     assert code == 0
@@ -135,8 +140,9 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        code = sweep_main(FAST + ["--set", "num_samples=3", "--set", "max_concurrent=2", "--set", "max_failures=4",
-                                  "--set", "scheduler.type=fifo", "--set", "base.train.steps=120"])
+        # the smoke preset's trials, 120 steps: long enough to be running when their node dies
+        code = sweep_main(SMOKE + ["--set", "num_samples=3", "--set", "max_concurrent=2", "--set", "max_failures=4",
+                                   "--set", "scheduler.type=fifo", "--set", "base.train.steps=120"])
     finally:
         thread.join(timeout=5)
         ray.shutdown()

@@ -29,13 +29,6 @@ def dashboard(smoke):
         yield base, page, study, client, folder
 
 
-def blank_error(client) -> float:
-    """The blank frame's prior MSE on the validation split: the same for every trial (one data set)."""
-    exp = client.get_experiment_by_name("gopc2_stability")
-    runs = client.search_runs([exp.experiment_id], "tags.role = 'trial'")
-    return next(r.data.metrics["val/prior/blank_mse"] for r in runs if "val/prior/blank_mse" in r.data.metrics)
-
-
 def y_range(page, title: str) -> list[float]:
     """The y range plotly laid out for the chart whose y axis is titled `title`, once it is drawn (the
     charts render one after another: waited for, not read at once)."""
@@ -56,7 +49,7 @@ def test_the_history_is_scaled_to_the_real_objectives_and_named(dashboard):
     page.get_by_role("heading", name="History").wait_for()
     low, high = y_range(page, "prior/mse")  # the history's axis: the objective by its name, not "Objective 0"
     values = [t.value for t in study.trials if t.value is not None]
-    assert high >= max(values) and high <= 10 * blank_error(client), (low, high, values)  # no 1e6 penalty
+    assert max(values) <= high <= 1.5 * max(values), (low, high, values)  # plotly's margin, no 1e6 penalty
     shot = os.path.join(folder, "optuna_dashboard.png")
     page.screenshot(path=shot, full_page=True)
     if os.environ.get("GOPC_UPDATE_DOCS") == "1":

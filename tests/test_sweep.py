@@ -104,9 +104,10 @@ def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasi
 
 
 def test_every_value_in_the_study_is_a_real_validation_named_and_noted(smoke):
-    """No penalty in the study: every value and intermediate value within 10x the blank frame's error
-    (a diverged trial's value is its last validation, or the blank frame's error); the objective named;
-    each trial's outcome in its user attrs and its note; the study's note current."""
+    """No penalty in the study: every value and intermediate value is one of the trial's validations as
+    MLflow logged them (a diverged trial's value is its last validation, or the blank frame's error before
+    any); the objective named; each trial's outcome in its user attrs and its note; the study's note current.
+    (Not a multiple of the blank frame's error: an untrained tanh trial honestly scores 15x it.)"""
     from optuna_dashboard._note import get_note  # the dashboard's own reader of save_note's format
     folder, settings, client = smoke
     study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{folder}/optuna.db")
@@ -115,16 +116,16 @@ def test_every_value_in_the_study_is_a_real_validation_named_and_noted(smoke):
     assert study.metric_names == ["prior/mse"]
     for t in study.trials:
         values = [v for v in [t.value, *t.intermediate_values.values()] if v is not None]
-        assert values and all(0 < v <= 10 * blank for v in values), (t.number, values, blank)
+        run = next(r for r in trials if r.info.run_id == t.user_attrs["mlflow_run_id"])
+        validations = [m.value for m in client.get_metric_history(run.info.run_id, "val/prior/mse")] + [blank]
+        assert values and all(v in validations for v in values), (t.number, values, validations)
         status = t.user_attrs["status"]
         note = get_note(optuna.Trial(study, t._trial_id))
         assert note.startswith(f"## Trial {t.number}: {status}")
         assert f"/runs/{t.user_attrs['mlflow_run_id']})" in note  # its MLflow run, one click away
         if status == "diverged":
             assert f"at step {t.user_attrs['diverged_step']}" in note and t.user_attrs["diverged_quantity"] in note
-            run = next(r for r in trials if r.info.run_id == t.user_attrs["mlflow_run_id"])
-            history = client.get_metric_history(run.info.run_id, "val/prior/mse")
-            assert t.value == pytest.approx(history[-1].value if history else blank)  # its last validation, else blank
+            assert t.value == validations[-2 if len(validations) > 1 else -1]  # its last validation, else blank
             assert not t.intermediate_values or max(t.intermediate_values) < t.user_attrs["diverged_step"]
         else:
             assert "| prior MSE" in note and [k for k in t.system_attrs if k.startswith("artifacts:")]  # its grids

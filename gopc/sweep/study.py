@@ -141,7 +141,7 @@ def check_fair(s: StudySettings, configs: dict[str, dict]) -> None:
 def tune_setup(s: StudySettings):
     """Every arm x seed once: Tune's grid search, no searcher, no early stopping (a verdict needs whole runs)."""
     from ray import tune
-    config = tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent)
+    config = tune.TuneConfig(num_samples=1, max_concurrent_trials=s.max_concurrent, reuse_actors=True)  # as a sweep
     space = {"arm": tune.grid_search(list(s.arm_configs)), "train.seed": tune.grid_search(s.seeds)}
     return config, space, {"arm": "arm", "train.seed": "seed"}
 
