@@ -99,6 +99,14 @@ def sweep_yaml(space, **settings) -> dict[str, str]:
     return {"bad_input.yaml": yaml.safe_dump(raw)}
 
 
+ARMS = [{"name": "gopc1", "set": {"model.kind": "gopc1"}}, {"name": "vae1", "set": {"model.kind": "vae1"}}]
+
+
+def study_yaml(arms=ARMS, **settings) -> dict[str, str]:
+    """study.yaml: a study of these arms over the TINY base."""
+    return {"study.yaml": yaml.safe_dump({"base": TINY, "arms": arms, **settings})}
+
+
 def empty_dir(name: str) -> dict[str, None]:
     return {f"{name}/": None}
 
@@ -111,18 +119,24 @@ def mlflow_db_without_the_sweep(tmp: Path) -> None:
 _TRAINED: dict[str, str] = {}
 
 
+def _trained_once(key: str, train_sets: dict | None = None) -> str:
+    """The folder of a TINY run (with `train_sets` merged into its train section), trained once per session."""
+    if key not in _TRAINED:
+        from gopc import config as C
+        from gopc.train import train as train_run
+        cache = tempfile.mkdtemp(prefix="gopc-bad-input-")
+        atexit.register(shutil.rmtree, cache, True)
+        train_run(C.from_dict({**TINY, "train": {**TINY["train"], **(train_sets or {})}}), os.path.join(cache, "r"),
+                  progress=False)
+        _TRAINED[key] = os.path.join(cache, "r")
+    return _TRAINED[key]
+
+
 def trained_run(name: str = "r", drop: tuple[str, ...] = (), config: dict | None = None):
     """Setup: a copy of a real finished TINY run (5 steps, trained once per session, no MLflow) at
     `name`/, without the files in `drop`, with `config` merged into its config.yaml."""
     def setup(tmp: Path) -> None:
-        if "run" not in _TRAINED:
-            from gopc import config as C
-            from gopc.train import train as train_run
-            cache = tempfile.mkdtemp(prefix="gopc-bad-input-")
-            atexit.register(shutil.rmtree, cache, True)
-            train_run(C.from_dict(TINY), os.path.join(cache, "r"), progress=False)
-            _TRAINED["run"] = os.path.join(cache, "r")
-        shutil.copytree(_TRAINED["run"], tmp / name, ignore=shutil.ignore_patterns(".lock"))
+        shutil.copytree(_trained_once("run"), tmp / name, ignore=shutil.ignore_patterns(".lock"))
         for f in drop:
             shutil.rmtree(tmp / name / f) if (tmp / name / f).is_dir() else (tmp / name / f).unlink()
         if config:
@@ -131,6 +145,26 @@ def trained_run(name: str = "r", drop: tuple[str, ...] = (), config: dict | None
                 raw[section].update(values)
             (tmp / name / "config.yaml").write_text(yaml.safe_dump(raw))
     return setup
+
+
+def diverged_before_its_first_checkpoint(tmp: Path) -> None:
+    """r/: a TINY run whose loss went NaN at step 2 (train.inject), before its first checkpoint (step 5)."""
+    shutil.copytree(_trained_once("diverged", {"inject": "loss@2:nan"}), tmp / "r",
+                    ignore=shutil.ignore_patterns(".lock"))
+
+
+def sweep_whose_trials_all_diverged(tmp: Path) -> None:
+    """./mlflow.db and ./optuna.db hold sweep 'gone_wrong' (its parent run, its study) whose 4 trials all diverged."""
+    import mlflow
+    import optuna
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    client.create_run(client.create_experiment("gone_wrong"), run_name="gone_wrong",
+                      tags={"sweep": "gone_wrong", "role": "parent"})
+    study = optuna.create_study(study_name="gone_wrong", storage=f"sqlite:///{tmp}/optuna.db")
+    for _ in range(4):
+        trial = study.ask()
+        trial.set_user_attr("status", "diverged")
+        study.tell(trial, 1e6)
 
 
 def foreign_checkpoint(tmp: Path) -> None:
@@ -235,13 +269,14 @@ def mlflow_runs(tmp: Path) -> int:
 @dataclass
 class Cli:
     """`PROG ARGV` in the temp working dir, after writing `files` (and running `setup`)."""
-    prog: str  # "gopc" (gopc.cli.main) or "gopc2_stability" (gopc.sweep.run.main, sweeps/gopc2_stability.py)
+    prog: str  # "gopc" (gopc.cli.main), "gopc2_stability" (gopc.sweep.run.main, sweeps/gopc2_stability.py)
+    # or "gopc2_study" (gopc.sweep.study.main, sweeps/gopc2_study.py)
     argv: tuple
     files: dict = field(default_factory=dict)
     setup: Callable[[Path], Callable[[], None] | None] | None = None  # may return its own cleanup
 
     def __str__(self):
-        prog = "gopc" if self.prog == "gopc" else "python sweeps/gopc2_stability.py"
+        prog = "gopc" if self.prog == "gopc" else f"python sweeps/{self.prog}.py"
         argv = " ".join(self.argv).replace(f"{ROOT}{os.sep}", "")
         written = sorted({n.split("/")[0] + "/" if "/" in n else n for n in self.files})
         return f"`{prog} {argv}`" + (f" [with {', '.join(written)}]" if written else "")
@@ -251,6 +286,8 @@ class Cli:
         cleanup = self.setup(tmp) if self.setup else None
         if self.prog == "gopc":
             from gopc.cli import main
+        elif self.prog == "gopc2_study":
+            from gopc.sweep.study import main
         else:
             from gopc.sweep.run import main
         before, runs_before = listing(tmp), mlflow_runs(tmp)
@@ -303,6 +340,11 @@ def train(*sets, files=None) -> Cli:
 
 def sweep(*argv, files=None) -> Cli:
     return Cli("gopc2_stability", argv, files or {})
+
+
+def study(*argv, files=None, setup=None) -> Cli:
+    """`python sweeps/gopc2_study.py --config study.yaml ARGV` (study.yaml: study_yaml() unless `files` has one)."""
+    return Cli("gopc2_study", ("--config", "study.yaml") + argv, {**study_yaml(), **(files or {})}, setup)
 
 
 def space(spec, **settings) -> Cli:
@@ -458,6 +500,23 @@ ROWS = [
         sweep("--config", "bad_input.yaml", "--preset", "smoke",
               files=sweep_yaml({"stab.out_act": {"choices": ["none"]}}, presets={"smoke": 5})),
         ("presets.smoke", "expected a mapping")),
+    Row("sweep-name-empty", "--set name= (no value: the sweep's name names its MLflow runs and folders)",
+        settings_with("name="), ("sweep.name", "empty", "letters, digits, '-' and '_'")),
+
+    # ---- study settings (sweeps/gopc2_study.yaml, --set), through the study entry
+    Row("study-name-empty", "--set name= (no value)", study("--set", "name="),
+        ("study.name", "empty", "letters, digits, '-' and '_'")),
+    Row("study-arm-name-path", "an arm named ../../pwn (arm names become MLflow parameter keys and run names)",
+        study(files=study_yaml([{"name": "../../pwn", "set": {"model.kind": "gopc1"}}])),
+        ("arms[0].name", "may hold only letters, digits, '-' and '_'")),
+    Row("study-arm-name-empty",
+        "arms[1] named '', after an arm taken from a sweep (names are checked before any sweep is read)",
+        study(files=study_yaml([{"name": "gopc2", "sweep": "nosuch"}, {"name": "", "set": {"model.kind": "gopc1"}}])),
+        ("arms[1].name", "empty", "letters, digits, '-' and '_'")),
+    Row("study-arm-sweep-all-diverged", "an arm from sweep gone_wrong, whose 4 trials all diverged",
+        study(files=study_yaml([{"name": "gopc2", "sweep": "gone_wrong"}, ARMS[0]]),
+              setup=sweep_whose_trials_all_diverged),
+        ("arms[0].sweep", "4 trials: 4 diverged", "set: or config: instead")),
 
     # ---- data (data.source), through `gopc train`; the tiny IDX files are written by the row
     Row("data-missing-folder", "--set data.source=no_such_folder", train("data.source=no_such_folder"),
