@@ -62,7 +62,7 @@ def _idx(arr, magic: int | None = None) -> bytes:
 def mnist(damage: str | None = None, per_class: int = 3) -> dict[str, bytes]:
     """A tiny folder `mnist/` of the four MNIST IDX files (10 * per_class digits per part), optionally
     with its train images file damaged: truncate | magic | gzip (a cut-off .gz) | count (fewer images
-    than labels)."""
+    than labels) | empty (no images at all), or its train labels file: label (a label 12 at index 3)."""
     labels = np.tile(np.arange(10), per_class)
     files = {}
     for part in ("train", "t10k"):
@@ -81,6 +81,12 @@ def mnist(damage: str | None = None, per_class: int = 3) -> dict[str, bytes]:
         files[name + ".gz"] = bytes(packed)
     elif damage == "count":
         files[name] = _idx(np.zeros((len(labels) - 1, 28, 28)))
+    elif damage == "empty":
+        files[name] = _idx(np.zeros((0, 28, 28)))
+    elif damage == "label":
+        wrong = labels.copy()
+        wrong[3] = 12
+        files["mnist/train-labels-idx1-ubyte"] = _idx(wrong)
     return files
 
 
@@ -533,6 +539,10 @@ ROWS = [
         train("data.source=mnist", files=mnist("count")), ("data.source", "29 images but", "30 labels")),
     Row("data-too-few-digits", "data.classes=[3] over a 60-digit IDX set (6 threes: no val/test digit)",
         train("data.source=mnist", "data.classes=[3]", files=mnist()), ("data.classes", "too few")),
+    Row("data-no-images", "train-images-idx3-ubyte whose header counts 0 images",
+        train("data.source=mnist", files=mnist("empty")), ("data.source", "holds no images")),
+    Row("data-label-above-9", "train-labels-idx1-ubyte with a label 12",
+        train("data.source=mnist", files=mnist("label")), ("data.source", "label 12 at index 3", "digits 0-9")),
 
     # ---- resources (needs Ray: one local Ray, num_cpus=2, num_gpus=0, for these rows)
     Row("resources-gpu", "resources.gpu=2 on a cluster whose largest node has no GPU",
