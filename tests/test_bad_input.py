@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gopc.errors import ConfigError
+from gopc.errors import ConfigError, GopcError
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_YAML = str(ROOT / "sweeps" / "gopc2_stability.yaml")
@@ -378,6 +378,17 @@ def _fractional_gpu_cluster() -> dict[str, str]:
     return {"gpu.yaml": yaml.safe_dump(cfg)}
 
 
+def _train_into_a_folder_held_after_its_check(tmp: Path) -> None:
+    """Two `gopc train --out r` at once: both pass the check of r/, then one holds it; train() refuses the other."""
+    from gopc import config as C
+    from gopc.train import train as train_run
+    release = held_by_another_run("r")(tmp)
+    try:
+        train_run(C.from_dict(TINY), "r", progress=False, field="--out")
+    finally:
+        release()
+
+
 # stab.h_grad_limit only counts when stab.h_grad clips (a `when`)
 GATED_SPACE = {"stab.h_grad": {"choices": ["none", "clip_norm"]},
                "stab.h_grad_limit": {"low": 0.1, "high": 10.0, "when": {"stab.h_grad": ["clip_norm"]}}}
@@ -569,6 +580,12 @@ ROWS = [
         gopc("train", "--resume", "empty", files=empty_dir("empty")), ("--resume", "holds no checkpoint.pt")),
     Row("cli-eval-no-checkpoint", "`gopc eval empty/`", gopc("eval", "empty", files=empty_dir("empty")),
         ("run", "holds no checkpoint.pt")),
+    Row("eval-diverged-before-checkpoint", "`gopc eval r` where r diverged at step 2, before its first checkpoint",
+        gopc("eval", "r", setup=diverged_before_its_first_checkpoint),
+        ("run", "diverged at step 2, before its first checkpoint")),
+    Row("resume-diverged-before-checkpoint", "`gopc train --resume r` where r diverged before its first checkpoint",
+        gopc("train", "--resume", "r", "--quiet", setup=diverged_before_its_first_checkpoint),
+        ("--resume", "diverged at step 2, before its first checkpoint")),
     Row("cli-seeds-garbage", "`gopc train --seeds a,b`", gopc("train", "--seeds", "a,b"),
         ("--seeds", "'a,b' is not a comma-separated list of integers")),
     Row("cli-seeds-empty", "`gopc train --seeds ,`", gopc("train", "--seeds", ","),
@@ -600,6 +617,9 @@ ROWS = [
         ("--out", "run.yaml is a file")),
     Row("out-dir-under-a-file", "--set train.out_dir=run.yaml/runs", train("train.out_dir=run.yaml/runs"),
         ("train.out_dir", "run.yaml is a file")),
+    Row("out-held-after-the-check", "two `gopc train --out r` at once: the second finds r/ held when it takes it",
+        Call("gopc.train.train(cfg, 'r', field='--out') while another run holds r/",
+             _train_into_a_folder_held_after_its_check), ("--out", "in use by another run (pid 4242)"), exc=GopcError),
 
     # ---- tracking servers that do not answer: refused within MLflow's bounded wait (no hang)
     Row("tracking-refused", "mlflow.tracking_uri at a port where nothing listens",
