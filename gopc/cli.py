@@ -42,12 +42,21 @@ def _run_folder(path: str, option: str, free: bool = False) -> str:
     path = os.path.expanduser(path)
     if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
         path = os.path.dirname(path) or "."
+    from gopc.train import check_free, diverged_at
     if free:
-        from gopc.train import check_free
         check_free(path, option)
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
+        if (step := diverged_at(path)) is not None:  # a run, but one with no finite weights to go on from
+            raise GopcError(f"{option}: {path} diverged at step {step}, before its first checkpoint, so it holds no "
+                            "finite weights; train it again, e.g. with a stabilizer (stab.*) or a lower train.lr")
         raise GopcError(f"{option}: {path} holds no checkpoint.pt; give a run folder written by gopc train")
     return path
+
+
+def _default_run_dir(cfg: C.Config, seed: int, stamp: str) -> str:
+    """train.out_dir/KIND-sSEED-TIME-PID: the pid keeps apart two runs started in the same second on one
+    machine, which would otherwise share a folder."""
+    return os.path.join(os.path.expanduser(cfg.train.out_dir), f"{cfg.model.kind}-s{seed}-{stamp}-{os.getpid()}")
 
 
 def _check_new_run_folder(run_dir: str, option: str) -> None:
@@ -69,6 +78,7 @@ def cmd_train(args) -> int:
     from gopc.train import Hooks, train
 
     run_id = resume_from = folder = None
+    field = "--resume" if args.resume else "--out" if args.out else "train.out_dir"  # what named the run folder
     if args.resume:
         for option in ("config", "out", "seeds"):  # each would be ignored or contradict the run folder
             if getattr(args, option) is not None:
@@ -90,10 +100,9 @@ def cmd_train(args) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = os.path.expanduser(args.out) if args.out else None
         run_dirs = {seed: (os.path.join(out, f"seed-{seed}") if len(seeds) > 1 else out) if out else
-                    os.path.join(os.path.expanduser(cfg.train.out_dir), f"{cfg.model.kind}-s{seed}-{stamp}")
-                    for seed in seeds}
+                    _default_run_dir(cfg, seed, stamp) for seed in seeds}
         for run_dir in run_dirs.values():
-            _check_new_run_folder(run_dir, "--out" if out else "train.out_dir")
+            _check_new_run_folder(run_dir, field)
     uri = None
     if not args.no_mlflow:
         uri = run_uri(cfg, folder)
@@ -104,7 +113,7 @@ def cmd_train(args) -> int:
         run_cfg = C.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "seed": seed}})
         hooks = Hooks() if args.no_mlflow else MlflowHooks(run_cfg, run_id=run_id, uri=uri)
         try:
-            result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet)
+            result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet, field=field)
         except BaseException:
             hooks.failed()  # its MLflow run ends FAILED, not RUNNING for ever
             raise
@@ -115,8 +124,11 @@ def cmd_train(args) -> int:
         outcomes.append((seed, result))
         if result.status == "diverged":
             d = result.divergence
+            first = min(run_cfg.train.ckpt_every, run_cfg.train.steps)  # a run's first checkpoint is due there
+            kept = (f"last finite checkpoint {d.last_checkpoint}" if d.last_checkpoint else
+                    f"no finite checkpoint (it diverged before the first one, due at step {first})")
             print(f"seed {seed}: diverged at step {d.step}: {d.quantity} went {d.value}"
-                  f"{'' if d.frame is None else f' at frame {d.frame}'}; last finite checkpoint {d.last_checkpoint}")
+                  f"{'' if d.frame is None else f' at frame {d.frame}'}; {kept}")
         else:
             print(f"seed {seed}: completed {result.step} steps, final loss {result.losses[-1]:.2f}"
                   if result.losses else f"seed {seed}: completed")
@@ -135,19 +147,23 @@ def cmd_eval(args) -> int:
     from gopc.data import build_datasets
     from gopc.evaluate import evaluate, table
     from gopc.models import build_model
-    from gopc.train import load_checkpoint, pick_device
+    from gopc.train import DIVERGENCE_FILE, diverged_at, load_checkpoint, pick_device
 
     folder = _run_folder(args.run, "run")
     cfg = C.load(os.path.join(folder, "config.yaml"), args.set, field="run")
     out_dir = os.path.join(folder, f"eval-{args.split}")
     C.check_creatable(out_dir, "run")
     model = build_model(cfg).to(pick_device(cfg.train.device))
-    load_checkpoint(os.path.join(folder, "checkpoint.pt"), model, cfg, field="run")
+    state = load_checkpoint(os.path.join(folder, "checkpoint.pt"), model, cfg, field="run")
     sequences = build_datasets(cfg.data)[args.split]
     if args.n is not None and args.n > len(sequences):  # it would quietly evaluate fewer
         raise GopcError(f"--n: {args.n} is more than the {len(sequences)} sequences of the {args.split} split "
                         f"(data.n_{args.split}); give at most {len(sequences)}")
     metrics, images = evaluate(model, sequences[: args.n or 200], cfg, out_dir)
+    # a resumed run may have trained on past an old divergence: only a checkpoint up to it is its last finite one
+    if (step := diverged_at(folder)) is not None and state["step"] <= step:
+        print(f"{folder} diverged at step {step} ({os.path.join(folder, DIVERGENCE_FILE)}); evaluated its last "
+              f"finite checkpoint, from step {state['step']}")
     print(table(metrics, cfg.train.learned_margin))
     print("images:", ", ".join(str(p) for p in images.values()))
     return 0
@@ -196,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one config (optionally over several seeds)")
     t.add_argument("--config", help="run YAML (see configs/); defaults apply to anything left out")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    t.add_argument("--out", help="run folder (default: train.out_dir/KIND-sSEED-TIME)")
+    t.add_argument("--out", help="run folder (default: train.out_dir/KIND-sSEED-TIME-PID)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--seeds", type=_seeds, help="re-run over these seeds, e.g. 0,1,2, and report survivors")
     t.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")

@@ -109,6 +109,12 @@ def load_digits(source: str) -> tuple[np.ndarray, np.ndarray]:
         if x.ndim != 3 or x.shape[1:] != (28, 28) or y.ndim != 1:
             raise DataError(f"data.source: {image_path} / {label_path} have shapes {x.shape} / {y.shape}, "
                             f"expected (N, 28, 28) / (N,); check the file names")
+        if len(x) == 0:  # a header that counts no images: no MNIST part is empty, so the file is not MNIST's
+            raise DataError(f"data.source: {image_path} holds no images (its header counts 0); re-download MNIST")
+        if (y > 9).any():  # IDX labels are unsigned bytes: only above 9 can they be wrong
+            at = int(np.argmax(y > 9))
+            raise DataError(f"data.source: {label_path} holds label {y[at]} at index {at}, but MNIST labels are the "
+                            f"digits 0-9; point data.source at the original MNIST files")
         if len(x) != len(y):
             raise DataError(f"data.source: {image_path} has {len(x)} images but {label_path} has {len(y)} "
                             f"labels; re-download MNIST")

@@ -131,6 +131,16 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
 
 
 LOCK_FILE = ".lock"
+DIVERGENCE_FILE = "divergence.json"  # in the folder of a run that diverged: the guard's record (Divergence)
+
+
+def diverged_at(run_dir: str) -> int | None:
+    """The step at which the run in `run_dir` diverged, from its divergence.json; None if it did not."""
+    try:
+        with open(os.path.join(run_dir, DIVERGENCE_FILE)) as f:
+            return int(json.load(f)["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: the callers only lose a note
+        return None
 
 
 def _in_use(run_dir: str, fd: int, field: str) -> GopcError:
@@ -154,7 +164,7 @@ def check_free(run_dir: str, field: str) -> None:
 
 
 @contextlib.contextmanager
-def locked(run_dir: str, field: str = "run folder"):
+def locked(run_dir: str, field: str):
     """Hold the run folder's lock while a run uses it: a second run into the same folder is refused.
     flock is dropped by the kernel when the process ends, however it ends, so no lock ever goes stale."""
     fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
@@ -223,7 +233,8 @@ def inject(model, site: str, value: float) -> None:
 
 
 def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: str | None = None,
-          progress: bool = True) -> Result:
+          progress: bool = True, field: str = "--out") -> Result:
+    """`field`: the option or setting that named `run_dir`, for the messages about it (--out, --resume, ...)."""
     hooks = hooks or Hooks()
     t_cfg = cfg.train
     torch.manual_seed(t_cfg.seed)
@@ -256,9 +267,9 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
-        raise GopcError(f"run folder: {run_dir} cannot be created ({e.strerror}); choose another folder") from None
+        raise GopcError(f"{field}: {run_dir} cannot be created ({e.strerror}); choose another folder") from None
     # the folder is held from here on: a second run into it is refused, a signal ends this one cleanly
-    with locked(run_dir), StopOnSignal() as stop:
+    with locked(run_dir, field), StopOnSignal() as stop:
         C.save(cfg, os.path.join(run_dir, "config.yaml"))  # the file alone reproduces the run
         ckpt_path = os.path.join(run_dir, "checkpoint.pt")
         last_ckpt, ckpt_step = resume_from, start if resume_from else None
@@ -295,7 +306,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             record, stats = guard.check(step, loss, grad_norm, model.watch, last_ckpt, torch.isfinite(x).all())
             if record is not None:  # stop before the optimizer can write a non-finite value
                 result.status, result.outcome, result.divergence, result.step = "diverged", "diverged", record, step
-                with open(os.path.join(run_dir, "divergence.json"), "w") as f:
+                with open(os.path.join(run_dir, DIVERGENCE_FILE), "w") as f:
                     json.dump(record.to_dict(), f, indent=1)
                 bar.close()
                 if last_finite:  # the blow-up's approach: the loss and norms of the last finite step

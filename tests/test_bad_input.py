@@ -35,7 +35,7 @@ import numpy as np
 import pytest
 import yaml
 
-from gopc.errors import ConfigError
+from gopc.errors import ConfigError, GopcError
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_YAML = str(ROOT / "sweeps" / "gopc2_stability.yaml")
@@ -62,7 +62,7 @@ def _idx(arr, magic: int | None = None) -> bytes:
 def mnist(damage: str | None = None, per_class: int = 3) -> dict[str, bytes]:
     """A tiny folder `mnist/` of the four MNIST IDX files (10 * per_class digits per part), optionally
     with its train images file damaged: truncate | magic | gzip (a cut-off .gz) | count (fewer images
-    than labels)."""
+    than labels) | empty (no images at all), or its train labels file: label (a label 12 at index 3)."""
     labels = np.tile(np.arange(10), per_class)
     files = {}
     for part in ("train", "t10k"):
@@ -81,6 +81,12 @@ def mnist(damage: str | None = None, per_class: int = 3) -> dict[str, bytes]:
         files[name + ".gz"] = bytes(packed)
     elif damage == "count":
         files[name] = _idx(np.zeros((len(labels) - 1, 28, 28)))
+    elif damage == "empty":
+        files[name] = _idx(np.zeros((0, 28, 28)))
+    elif damage == "label":
+        wrong = labels.copy()
+        wrong[3] = 12
+        files["mnist/train-labels-idx1-ubyte"] = _idx(wrong)
     return files
 
 
@@ -99,6 +105,14 @@ def sweep_yaml(space, **settings) -> dict[str, str]:
     return {"bad_input.yaml": yaml.safe_dump(raw)}
 
 
+ARMS = [{"name": "gopc1", "set": {"model.kind": "gopc1"}}, {"name": "vae1", "set": {"model.kind": "vae1"}}]
+
+
+def study_yaml(arms=ARMS, **settings) -> dict[str, str]:
+    """study.yaml: a study of these arms over the TINY base."""
+    return {"study.yaml": yaml.safe_dump({"base": TINY, "arms": arms, **settings})}
+
+
 def empty_dir(name: str) -> dict[str, None]:
     return {f"{name}/": None}
 
@@ -111,18 +125,24 @@ def mlflow_db_without_the_sweep(tmp: Path) -> None:
 _TRAINED: dict[str, str] = {}
 
 
+def _trained_once(key: str, train_sets: dict | None = None) -> str:
+    """The folder of a TINY run (with `train_sets` merged into its train section), trained once per session."""
+    if key not in _TRAINED:
+        from gopc import config as C
+        from gopc.train import train as train_run
+        cache = tempfile.mkdtemp(prefix="gopc-bad-input-")
+        atexit.register(shutil.rmtree, cache, True)
+        train_run(C.from_dict({**TINY, "train": {**TINY["train"], **(train_sets or {})}}), os.path.join(cache, "r"),
+                  progress=False)
+        _TRAINED[key] = os.path.join(cache, "r")
+    return _TRAINED[key]
+
+
 def trained_run(name: str = "r", drop: tuple[str, ...] = (), config: dict | None = None):
     """Setup: a copy of a real finished TINY run (5 steps, trained once per session, no MLflow) at
     `name`/, without the files in `drop`, with `config` merged into its config.yaml."""
     def setup(tmp: Path) -> None:
-        if "run" not in _TRAINED:
-            from gopc import config as C
-            from gopc.train import train as train_run
-            cache = tempfile.mkdtemp(prefix="gopc-bad-input-")
-            atexit.register(shutil.rmtree, cache, True)
-            train_run(C.from_dict(TINY), os.path.join(cache, "r"), progress=False)
-            _TRAINED["run"] = os.path.join(cache, "r")
-        shutil.copytree(_TRAINED["run"], tmp / name, ignore=shutil.ignore_patterns(".lock"))
+        shutil.copytree(_trained_once("run"), tmp / name, ignore=shutil.ignore_patterns(".lock"))
         for f in drop:
             shutil.rmtree(tmp / name / f) if (tmp / name / f).is_dir() else (tmp / name / f).unlink()
         if config:
@@ -131,6 +151,26 @@ def trained_run(name: str = "r", drop: tuple[str, ...] = (), config: dict | None
                 raw[section].update(values)
             (tmp / name / "config.yaml").write_text(yaml.safe_dump(raw))
     return setup
+
+
+def diverged_before_its_first_checkpoint(tmp: Path) -> None:
+    """r/: a TINY run whose loss went NaN at step 2 (train.inject), before its first checkpoint (step 5)."""
+    shutil.copytree(_trained_once("diverged", {"inject": "loss@2:nan"}), tmp / "r",
+                    ignore=shutil.ignore_patterns(".lock"))
+
+
+def sweep_whose_trials_all_diverged(tmp: Path) -> None:
+    """./mlflow.db and ./optuna.db hold sweep 'gone_wrong' (its parent run, its study) whose 4 trials all diverged."""
+    import mlflow
+    import optuna
+    client = mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    client.create_run(client.create_experiment("gone_wrong"), run_name="gone_wrong",
+                      tags={"sweep": "gone_wrong", "role": "parent"})
+    study = optuna.create_study(study_name="gone_wrong", storage=f"sqlite:///{tmp}/optuna.db")
+    for _ in range(4):
+        trial = study.ask()
+        trial.set_user_attr("status", "diverged")
+        study.tell(trial, 1e6)
 
 
 def foreign_checkpoint(tmp: Path) -> None:
@@ -235,13 +275,14 @@ def mlflow_runs(tmp: Path) -> int:
 @dataclass
 class Cli:
     """`PROG ARGV` in the temp working dir, after writing `files` (and running `setup`)."""
-    prog: str  # "gopc" (gopc.cli.main) or "gopc2_stability" (gopc.sweep.run.main, sweeps/gopc2_stability.py)
+    prog: str  # "gopc" (gopc.cli.main), "gopc2_stability" (gopc.sweep.run.main, sweeps/gopc2_stability.py)
+    # or "gopc2_study" (gopc.sweep.study.main, sweeps/gopc2_study.py)
     argv: tuple
     files: dict = field(default_factory=dict)
     setup: Callable[[Path], Callable[[], None] | None] | None = None  # may return its own cleanup
 
     def __str__(self):
-        prog = "gopc" if self.prog == "gopc" else "python sweeps/gopc2_stability.py"
+        prog = "gopc" if self.prog == "gopc" else f"python sweeps/{self.prog}.py"
         argv = " ".join(self.argv).replace(f"{ROOT}{os.sep}", "")
         written = sorted({n.split("/")[0] + "/" if "/" in n else n for n in self.files})
         return f"`{prog} {argv}`" + (f" [with {', '.join(written)}]" if written else "")
@@ -251,6 +292,8 @@ class Cli:
         cleanup = self.setup(tmp) if self.setup else None
         if self.prog == "gopc":
             from gopc.cli import main
+        elif self.prog == "gopc2_study":
+            from gopc.sweep.study import main
         else:
             from gopc.sweep.run import main
         before, runs_before = listing(tmp), mlflow_runs(tmp)
@@ -305,6 +348,11 @@ def sweep(*argv, files=None) -> Cli:
     return Cli("gopc2_stability", argv, files or {})
 
 
+def study(*argv, files=None, setup=None) -> Cli:
+    """`python sweeps/gopc2_study.py --config study.yaml ARGV` (study.yaml: study_yaml() unless `files` has one)."""
+    return Cli("gopc2_study", ("--config", "study.yaml") + argv, {**study_yaml(), **(files or {})}, setup)
+
+
 def space(spec, **settings) -> Cli:
     return sweep("--config", "bad_input.yaml", files=sweep_yaml(spec, **settings))
 
@@ -328,6 +376,17 @@ def _fractional_gpu_cluster() -> dict[str, str]:
     cfg = yaml.safe_load(GPU_YAML.read_text())
     cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = 0.5
     return {"gpu.yaml": yaml.safe_dump(cfg)}
+
+
+def _train_into_a_folder_held_after_its_check(tmp: Path) -> None:
+    """Two `gopc train --out r` at once: both pass the check of r/, then one holds it; train() refuses the other."""
+    from gopc import config as C
+    from gopc.train import train as train_run
+    release = held_by_another_run("r")(tmp)
+    try:
+        train_run(C.from_dict(TINY), "r", progress=False, field="--out")
+    finally:
+        release()
 
 
 # stab.h_grad_limit only counts when stab.h_grad clips (a `when`)
@@ -458,6 +517,23 @@ ROWS = [
         sweep("--config", "bad_input.yaml", "--preset", "smoke",
               files=sweep_yaml({"stab.out_act": {"choices": ["none"]}}, presets={"smoke": 5})),
         ("presets.smoke", "expected a mapping")),
+    Row("sweep-name-empty", "--set name= (no value: the sweep's name names its MLflow runs and folders)",
+        settings_with("name="), ("sweep.name", "empty", "letters, digits, '-' and '_'")),
+
+    # ---- study settings (sweeps/gopc2_study.yaml, --set), through the study entry
+    Row("study-name-empty", "--set name= (no value)", study("--set", "name="),
+        ("study.name", "empty", "letters, digits, '-' and '_'")),
+    Row("study-arm-name-path", "an arm named ../../pwn (arm names become MLflow parameter keys and run names)",
+        study(files=study_yaml([{"name": "../../pwn", "set": {"model.kind": "gopc1"}}])),
+        ("arms[0].name", "may hold only letters, digits, '-' and '_'")),
+    Row("study-arm-name-empty",
+        "arms[1] named '', after an arm taken from a sweep (names are checked before any sweep is read)",
+        study(files=study_yaml([{"name": "gopc2", "sweep": "nosuch"}, {"name": "", "set": {"model.kind": "gopc1"}}])),
+        ("arms[1].name", "empty", "letters, digits, '-' and '_'")),
+    Row("study-arm-sweep-all-diverged", "an arm from sweep gone_wrong, whose 4 trials all diverged",
+        study(files=study_yaml([{"name": "gopc2", "sweep": "gone_wrong"}, ARMS[0]]),
+              setup=sweep_whose_trials_all_diverged),
+        ("arms[0].sweep", "4 trials: 4 diverged", "set: or config: instead")),
 
     # ---- data (data.source), through `gopc train`; the tiny IDX files are written by the row
     Row("data-missing-folder", "--set data.source=no_such_folder", train("data.source=no_such_folder"),
@@ -474,6 +550,10 @@ ROWS = [
         train("data.source=mnist", files=mnist("count")), ("data.source", "29 images but", "30 labels")),
     Row("data-too-few-digits", "data.classes=[3] over a 60-digit IDX set (6 threes: no val/test digit)",
         train("data.source=mnist", "data.classes=[3]", files=mnist()), ("data.classes", "too few")),
+    Row("data-no-images", "train-images-idx3-ubyte whose header counts 0 images",
+        train("data.source=mnist", files=mnist("empty")), ("data.source", "holds no images")),
+    Row("data-label-above-9", "train-labels-idx1-ubyte with a label 12",
+        train("data.source=mnist", files=mnist("label")), ("data.source", "label 12 at index 3", "digits 0-9")),
 
     # ---- resources (needs Ray: one local Ray, num_cpus=2, num_gpus=0, for these rows)
     Row("resources-gpu", "resources.gpu=2 on a cluster whose largest node has no GPU",
@@ -500,6 +580,12 @@ ROWS = [
         gopc("train", "--resume", "empty", files=empty_dir("empty")), ("--resume", "holds no checkpoint.pt")),
     Row("cli-eval-no-checkpoint", "`gopc eval empty/`", gopc("eval", "empty", files=empty_dir("empty")),
         ("run", "holds no checkpoint.pt")),
+    Row("eval-diverged-before-checkpoint", "`gopc eval r` where r diverged at step 2, before its first checkpoint",
+        gopc("eval", "r", setup=diverged_before_its_first_checkpoint),
+        ("run", "diverged at step 2, before its first checkpoint")),
+    Row("resume-diverged-before-checkpoint", "`gopc train --resume r` where r diverged before its first checkpoint",
+        gopc("train", "--resume", "r", "--quiet", setup=diverged_before_its_first_checkpoint),
+        ("--resume", "diverged at step 2, before its first checkpoint")),
     Row("cli-seeds-garbage", "`gopc train --seeds a,b`", gopc("train", "--seeds", "a,b"),
         ("--seeds", "'a,b' is not a comma-separated list of integers")),
     Row("cli-seeds-empty", "`gopc train --seeds ,`", gopc("train", "--seeds", ","),
@@ -531,6 +617,9 @@ ROWS = [
         ("--out", "run.yaml is a file")),
     Row("out-dir-under-a-file", "--set train.out_dir=run.yaml/runs", train("train.out_dir=run.yaml/runs"),
         ("train.out_dir", "run.yaml is a file")),
+    Row("out-held-after-the-check", "two `gopc train --out r` at once: the second finds r/ held when it takes it",
+        Call("gopc.train.train(cfg, 'r', field='--out') while another run holds r/",
+             _train_into_a_folder_held_after_its_check), ("--out", "in use by another run (pid 4242)"), exc=GopcError),
 
     # ---- tracking servers that do not answer: refused within MLflow's bounded wait (no hang)
     Row("tracking-refused", "mlflow.tracking_uri at a port where nothing listens",

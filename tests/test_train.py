@@ -240,3 +240,39 @@ def test_a_busy_tracking_database_is_named_busy_not_foreign(tmp_path, monkeypatc
         holder.close()
     with pytest.raises(ConfigError, match=r"mlflow.db is a damaged or half-created MLflow database"):
         tracking.check_tracking(f"sqlite:///{db}", "mlflow.tracking_uri")  # released: a table, but no MLflow in it
+
+
+def _train_diverging(ckpt_every: int) -> int:
+    """`gopc train --out cut` of a small GOPC-1 whose loss goes NaN at step 3, a checkpoint every `ckpt_every` steps."""
+    sets = [f"{k}={v}" for k, v in _flat(TINY)] + [
+        "data.n_train=64", "data.n_val=8", "data.n_test=8", "train.batch_size=8", "train.eval_size=8",
+        "train.steps=6", f"train.ckpt_every={ckpt_every}", "train.inject=loss@3:nan"]
+    return main(["train", "--no-mlflow", "--quiet", "--out", "cut"] + sum((["--set", s] for s in sets), []))
+
+
+def test_a_run_that_diverged_before_its_first_checkpoint_says_it_has_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _train_diverging(ckpt_every=5) == 0
+    assert capsys.readouterr().out.splitlines()[0] == ("seed 0: diverged at step 3: loss went nan; no finite "
+                                                       "checkpoint (it diverged before the first one, due at step 5)")
+
+
+def test_eval_of_a_diverged_run_says_where_it_diverged_and_which_checkpoint_it_evaluated(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _train_diverging(ckpt_every=2) == 0  # checkpoints at step 2, diverges at step 3
+    assert "; last finite checkpoint cut/checkpoint.pt" in capsys.readouterr().out
+    assert main(["eval", "cut", "--n", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "cut diverged at step 3 (cut/divergence.json); evaluated its last finite checkpoint, from step 2")
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(monkeypatch):
+    """The default run folder (--out not given) is train.out_dir/KIND-sSEED-TIME-PID: two `gopc train` started
+    in one clock second no longer share it (the second would find it in use, or land on the first's run)."""
+    from gopc import cli
+    cfg = C.from_dict(TINY)
+    folders = set()
+    for pid in (4242, 4243):  # two processes, one second
+        monkeypatch.setattr(os, "getpid", lambda: pid)
+        folders.add(cli._default_run_dir(cfg, 0, "20261203-120000"))
+    assert folders == {"runs/gopc1-s0-20261203-120000-4242", "runs/gopc1-s0-20261203-120000-4243"}

@@ -20,6 +20,15 @@ from gopc.tracking import resolve_uri
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class NothingToExport(GopcError):
+    """A sweep none of whose trials trained to the end; `tally` says what became of them."""
+
+    def __init__(self, sweep: str, tally: str):
+        super().__init__(f"--sweep: sweep {sweep!r} has no trial that trained to the end ({tally}); nothing to "
+                         "export: resume it if it is unfinished, or search other stabilizers")
+        self.tally = tally
+
+
 def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "",
                  optuna_storage: str = "") -> list[tuple]:
     """The sweep's top trials by its Optuna study (its storage as the sweep's settings resolve it) as
@@ -47,8 +56,7 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
         if len(runs) == top:
             break
     if not runs:
-        raise GopcError(f"--sweep: sweep {sweep!r} has no trial that trained to the end ({_tally(study)}); nothing to "
-                        "export: resume it if it is unfinished, or search other stabilizers")
+        raise NothingToExport(sweep, _tally(study))
     metric = parent.data.params.get("sweep.metric", "objective")
     configs = []
     for run, value in runs:  # check every config before writing any file

@@ -143,14 +143,22 @@ def resolve(raw: dict, preset: str | None, overrides: list[str] | None, cls, wha
     return raw
 
 
-def check_name(name: str, field: str) -> None:
-    """Names that become MLflow run names, parameter keys and folders: letters, digits, '-' and '_' only."""
+NAME_CHARS = "letters, digits, '-' and '_'"
+
+
+def check_name(name, field: str) -> None:
+    """Names that become MLflow run names, parameter keys and folders: not empty, NAME_CHARS only."""
+    if name is None or name == "":  # `--set name=` reads as None, `name: ''` as ""
+        raise ConfigError(f"{field}: empty; give a name of {NAME_CHARS}, e.g. gopc2-stable")
+    if not isinstance(name, str):
+        raise ConfigError(f"{field}: expected a name, got {name!r}; give a name of {NAME_CHARS}, e.g. gopc2-stable")
     if not name.replace("_", "").replace("-", "").isalnum() or not name.isascii():
-        raise ConfigError(f"{field}: {name!r} may hold only letters, digits, '-' and '_'; rename it, e.g. gopc2-stable")
+        raise ConfigError(f"{field}: {name!r} may hold only {NAME_CHARS}; rename it, e.g. gopc2-stable")
 
 
 def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
     """The scalar settings of `cls`, its resources and its checked base; `nested` names the keys the caller parses."""
+    check_name(raw.get("name", cls.name), f"{what}.name")  # first: the type check would only say "no value given"
     s = C._section(cls, what, {k: v for k, v in raw.items() if k not in ("resources", "base") + nested})
     s.resources = C._section(Resources, "resources", raw.get("resources"))
     base = raw.get("base") or {}
@@ -165,7 +173,6 @@ def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
     s.base = base
     if s.resources.cpu <= 0 and s.resources.gpu <= 0:
         raise ConfigError("resources: a trial needs some cpu or gpu; set resources.cpu: 1")
-    check_name(s.name, f"{what}.name")
     if s.metric not in OBJECTIVES:
         raise ConfigError(f"{what}.metric: {s.metric!r} is not one of {OBJECTIVES}")
     return s

@@ -78,16 +78,18 @@ def resolve_arms(s: StudySettings) -> dict[str, dict]:
     """Each arm's full run config, checked, then checked for fairness against the study's base."""
     if not isinstance(s.arms, list) or not s.arms:
         raise ConfigError("study.arms: give a list of arms, e.g. - {name: gopc1, set: {model.kind: gopc1}}")
-    configs = {}
-    for i, arm in enumerate(s.arms):
+    for i, arm in enumerate(s.arms):  # every arm's shape and name before any arm reads a sweep or a file
         where = f"arms[{i}]"
-        if not isinstance(arm, dict) or not isinstance(arm.get("name"), str) or not arm["name"]:
+        if not isinstance(arm, dict) or "name" not in arm:
             raise ConfigError(f"{where}: expected a mapping with a name, e.g. {{name: vae1, set: {{model.kind: vae1}}}}")
         S.check_name(arm["name"], f"{where}.name")  # it names MLflow runs and parameter keys
         if unknown := set(arm) - ARM_KEYS:
             raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key; an arm takes {sorted(ARM_KEYS)}")
         if "sweep" in arm and "config" in arm:
             raise ConfigError(f"{where}: give either sweep or config, not both")
+    configs = {}
+    for i, arm in enumerate(s.arms):
+        where = f"arms[{i}]"
         for name, cfg in _arm_sources(s, arm, where):
             if name in configs:
                 raise ConfigError(f"{where}.name: {name!r} names two arms; give each a name of its own")
@@ -113,11 +115,15 @@ def _arm_sources(s: StudySettings, arm: dict, where: str) -> list[tuple[str, dic
         top = arm.get("top", 1)
         if not isinstance(top, int) or top < 1:
             raise ConfigError(f"{where}.top: {top!r} must be a whole number of at least 1")
-        from gopc.sweep.export import best_configs
+        from gopc.sweep.export import NothingToExport, best_configs
         try:
             found = best_configs(arm["sweep"], top, s.tracking_uri)
-        except GopcError as e:
-            raise ConfigError(f"{where}.sweep: {e}") from None
+        except NothingToExport as e:  # gopc best's fix (resume, search again) is not all a study can do
+            raise ConfigError(f"{where}.sweep: sweep {arm['sweep']!r} has no trial that trained to the end "
+                              f"({e.tally}); resume the sweep if it is unfinished, run one whose trials survive, "
+                              "or give this arm set: or config: instead of sweep:") from None
+        except GopcError as e:  # a study has no --sweep option: its arm's sweep key is the field
+            raise ConfigError(f"{where}.sweep: {str(e).removeprefix('--sweep: ')}") from None
         if len(found) < top:
             raise ConfigError(f"{where}.top: {top} configs asked, but sweep {arm['sweep']!r} has only {len(found)} "
                               f"trial(s) that trained to the end; set top to at most {len(found)}")

@@ -98,7 +98,8 @@ def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_eve
             resume_from = ckpt
     hooks = hooks_class(metric, penalty, run_dir, t.learned_margin)
     hooks.schedule(t, report_every)
-    result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False)
+    # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
+    result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False, field="storage")
     if test and result.status == "completed":
         metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))
         hooks.report({**hooks.last_report, **{f"test/{k}": v for k, v in metrics.items()}}, with_checkpoint=True)
