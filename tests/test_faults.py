@@ -153,6 +153,16 @@ def test_worker_nodes_killed_mid_trial_and_during_the_retry(tmp_path, monkeypatc
     assert sum(t.run_metadata.num_failures for t in analysis.trials) >= 2
 
 
+def sweep_in(folder, args, monkeypatch) -> int:
+    """The sweep driver run in this process, in `folder`: what a test does not kill needs no process of its
+    own (seconds of imports and shutdown saved per run)."""
+    monkeypatch.chdir(folder)
+    try:
+        return sweep_main(args)
+    finally:
+        ray.shutdown()
+
+
 def finished_trials(db) -> int:
     """Trial runs an MLflow database (SQLite file or a server's) holds with a final status."""
     try:
@@ -164,16 +174,14 @@ def finished_trials(db) -> int:
 
 
 @pytest.mark.parametrize("moment", ["before-first-result", "between-trials", "while-writing-the-summary"])
-def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, moment):
+def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, moment, monkeypatch):
     """SIGKILL to the driver and the local Ray it started (its process group): before any trial
     reported, once a trial finished while the next ran (one at a time), and while the summary was
     written. The resumed sweep ends with each trial once and none run again."""
     n = 2
-    args = [sys.executable, SWEEP_PY] + FAST + ["--set", f"num_samples={n}"]
-    if moment == "between-trials":
-        args += ["--set", "max_concurrent=1"]
-    proc = subprocess.Popen(args, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    args = FAST + ["--set", f"num_samples={n}"] + ["--set", "max_concurrent=1"] * (moment == "between-trials")
+    proc = subprocess.Popen([sys.executable, SWEEP_PY, *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     hit = wait_for({"before-first-result": lambda: any(experiment.glob("run_trial_*")),
                     "between-trials": lambda: finished_trials(tmp_path / "mlflow.db") >= 1,
@@ -181,8 +189,7 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(tmp_path, momen
     assert hit and proc.poll() is None, f"the sweep ended before the moment {moment}"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sweep_in(tmp_path, args + ["--resume"], monkeypatch) == 0
     analysis, client, runs, parents = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", n)
     assert {"trials.csv", "param_importances.png"} <= {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert parents[0].data.tags["status"] == "completed"
@@ -285,41 +292,39 @@ def test_optuna_never_sees_nan(tmp_path):
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
-def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path):
+def test_a_snapshot_torn_by_the_kill_is_repaired_on_resume(tmp_path, monkeypatch, capsys):
     """Tune writes its trial list and its searcher state separately; a kill between the two leaves the
     searcher counting a trial Tune never recorded. Simulated by dropping the last trial from the trial
     list: the resumed sweep runs it again, and no Optuna trial is left RUNNING."""
-    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
-                                               "--set", "scheduler.type=fifo"]
-    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
+    args = FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20", "--set", "scheduler.type=fifo"]
+    assert sweep_in(tmp_path, args, monkeypatch) == 0
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     state_file = sorted(experiment.glob("experiment_state-*.json"))[-1]
     state = json.loads(state_file.read_text())
     dropped = json.loads(state["trial_data"].pop()[0])["trial_id"]
     state_file.write_text(json.dumps(state))
-    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"trial(s) {dropped} will be suggested again" in resumed.stderr
+    capsys.readouterr()
+    assert sweep_in(tmp_path, args + ["--resume"], monkeypatch) == 0
+    assert f"trial(s) {dropped} will be suggested again" in capsys.readouterr().err
     analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
     assert dropped not in {t.trial_id for t in analysis.trials}
     study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert optuna.trial.TrialState.RUNNING not in [t.state for t in study.trials]
     assert len(study.trials) == 3  # the dropped one, then its rerun
     assert study.user_attrs["orphans"] == [t.number for t in study.trials if t.user_attrs["tune_trial_id"] == dropped]
-    again = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0 and "will be suggested again" not in again.stderr  # repaired once, for good
+    assert sweep_in(tmp_path, args + ["--resume"], monkeypatch) == 0
+    assert "will be suggested again" not in capsys.readouterr().err  # repaired once, for good
     assert len(tune_trials(tmp_path).trials) == 2
 
 
-def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp_path):
+def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp_path, monkeypatch, capsys):
     """Killed while Tune copied its first snapshot, which had no finished trial yet and no searcher
     state: the resumed sweep starts over under the same parent, and the killed trials leave no run."""
     from ray.tune.experiment.trial import Trial
 
     from gopc.sweep.recovery import load_trials
-    args = [sys.executable, SWEEP_PY] + FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20",
-                                               "--set", "scheduler.type=fifo"]
-    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=400).returncode == 0
+    args = FAST + ["--set", "num_samples=2", "--set", "base.train.steps=20", "--set", "scheduler.type=fifo"]
+    assert sweep_in(tmp_path, args, monkeypatch) == 0
     experiment = tmp_path / "sweep_results" / "gopc2_stability"
     state_file = next(experiment.glob("experiment_state-*.json"))
     trials = load_trials(state_file.read_bytes())
@@ -333,9 +338,9 @@ def test_a_kill_before_the_first_snapshot_was_complete_starts_the_sweep_over(tmp
     then = optuna.create_study(study_name="gopc2_stability", storage=storage)
     for t in trials:
         then.ask().set_user_attr("tune_trial_id", t.trial_id)
-    resumed = subprocess.run(args + ["--resume"], cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "starting it over" in resumed.stderr
+    capsys.readouterr()
+    assert sweep_in(tmp_path, args + ["--resume"], monkeypatch) == 0
+    assert "starting it over" in capsys.readouterr().err
     analysis, *_ = assert_each_trial_once(tmp_path, f"sqlite:///{tmp_path}/mlflow.db", 2)
     assert not {t.trial_id for t in trials} & {t.trial_id for t in analysis.trials}
     study = optuna.load_study(study_name="gopc2_stability", storage=storage)  # started over, too
