@@ -187,7 +187,7 @@ def test_local_cluster_up_submit_sweep_down(tmp_path):
 
         # The product itself: the sweep, submitted as a user would, logging to the head's MLflow.
         sweep = cluster.submit(REPO_ROOT / "sweeps" / "gopc2_stability.py", "--preset", "smoke",
-                               "--set", "num_samples=3")
+                               "--set", "num_samples=3", "--set", "base.train.steps=40")
         assert sweep.returncode == 0, sweep.stdout[-6000:]
         assert "best config:" in sweep.stdout and "MLflow UI:" in sweep.stdout
         check_sweep_in_mlflow_and_train_its_best(cluster.tracking_uri, f"sqlite:///{cluster.node_home}/mlflow/optuna.db", tmp_path)

@@ -111,8 +111,10 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         """Optuna's intermediate values: the validations, at their step (never a penalty)."""
         ot_trial = self._ot_trials.get(trial_id)
         value = validation(result, self.objective_name)
-        if ot_trial is not None and value is not None and trial_id not in self._completed_trials:
-            ot_trial.report(value, int(result.get("step", 0)))
+        step = int(result.get("step", 0))
+        if ot_trial is not None and value is not None and trial_id not in self._completed_trials \
+                and step not in ot_trial._cached_frozen_trial.intermediate_values:  # a retried trial repeats steps
+            ot_trial.report(value, step)
 
     def restore(self, checkpoint_path: str):
         """Tune's --resume: the pickle brings back the sampler (its random state) and the storage; the
