@@ -8,6 +8,7 @@ import sqlite3
 import urllib.error
 import urllib.request
 
+from gopc import locks
 from gopc.config import Config, dump, redact
 from gopc.errors import ConfigError
 from gopc.train import Hooks, Result
@@ -44,6 +45,7 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
                               f"set mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow")
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ConfigError(f"{field}: the folder of {path} is missing or not writable; create it or fix {field}")
+        locks.wait_for_creation(path)
         if not os.path.exists(path):
             return
         try:  # read-only: MLflow itself would try to create its tables in any file it is given
@@ -81,6 +83,15 @@ def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
                               f"({type(e).__name__}); move it away, or point {field} elsewhere") from None
         raise ConfigError(f"{field}: MLflow at {redact(uri)} does not answer ({type(e).__name__}); start the "
                           f"server, or set {field} to a reachable one") from None
+
+
+def create_store(uri: str) -> None:
+    """Create a new SQLite database's MLflow tables once, under the lock (gopc.locks.creating): the
+    schema migration of two runs starting together would break one of them, or the file for good."""
+    if uri.startswith("sqlite:///"):
+        import mlflow
+        with locks.creating(uri[len("sqlite:///"):]):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)  # MLflow makes its tables on first use
 
 
 def _silent(uri: str, timeout: float = 3.0) -> str | None:
@@ -161,6 +172,7 @@ class MlflowHooks(Hooks):
 
     def started(self, cfg, run_dir, n_params):
         mlflow = self.mlflow
+        create_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         if "mlflow.experimentKind" not in mlflow.set_experiment(cfg.mlflow.experiment).tags:
             mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")  # the UI's runs pages
@@ -181,7 +193,10 @@ class MlflowHooks(Hooks):
         else:
             mlflow.log_params(clean_params(cfg))
             mlflow.log_param("n_params", n_params)
-            mlflow.log_input(dataset(cfg), context="training")
+            try:
+                mlflow.log_input(dataset(cfg), context="training")
+            except mlflow.MlflowException:  # another run added the same dataset since MLflow looked: link theirs
+                mlflow.log_input(dataset(cfg), context="training")
         mlflow.set_tags({"status": "running", "model": cfg.model.kind, **self.tags})
         mlflow.log_text(redact(dump(cfg)), "config.yaml")
         self.run_dir = run_dir

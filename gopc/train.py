@@ -6,9 +6,7 @@ What a run reports goes through `Hooks`: MLflow for the CLI, `tune.report` insid
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import signal
@@ -21,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from gopc import config as C
+from gopc import locks
 from gopc.data import build_datasets, to_float
 from gopc.errors import ConfigError, GopcError
 from gopc.evaluate import evaluate, outcome
@@ -143,41 +142,20 @@ def diverged_at(run_dir: str) -> int | None:
         return None
 
 
-def _in_use(run_dir: str, fd: int, field: str) -> GopcError:
-    pid = os.pread(fd, 32, 0).decode().strip() or "?"
-    return GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
-                     f"or choose another folder")
+def _in_use(run_dir: str, field: str):
+    return lambda pid: GopcError(f"{field}: {run_dir} is in use by another run (pid {pid}); wait for it to end, "
+                                 f"or choose another folder")
 
 
 def check_free(run_dir: str, field: str) -> None:
     """Refuse a run folder that a running run holds, writing nothing (`locked` is what takes it)."""
-    try:
-        fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDONLY)
-    except OSError:  # no lock file: no run has used the folder
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise _in_use(run_dir, fd, field) from None
-    finally:
-        os.close(fd)  # closing releases a lock taken here
+    if pid := locks.holder(os.path.join(run_dir, LOCK_FILE)):
+        raise _in_use(run_dir, field)(pid)
 
 
-@contextlib.contextmanager
 def locked(run_dir: str, field: str):
-    """Hold the run folder's lock while a run uses it: a second run into the same folder is refused.
-    flock is dropped by the kernel when the process ends, however it ends, so no lock ever goes stale."""
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(run_dir, fd, field) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+    """Hold the run folder's lock while a run uses it: a second run into the same folder is refused."""
+    return locks.held(os.path.join(run_dir, LOCK_FILE), _in_use(run_dir, field))
 
 
 class StopOnSignal:

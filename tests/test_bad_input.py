@@ -200,6 +200,27 @@ def held_by_another_run(folder: str, *then: Callable[[Path], None]):
     return setup
 
 
+def driver_running(load: Callable[[], object]):
+    """Setup: the experiment that `load()` (its settings) names is held, as its running driver holds it."""
+    def setup(tmp: Path):
+        from gopc import locks
+        fd = os.open(locks.outside(load().experiment_path), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b"4242")
+        return lambda: os.close(fd)
+    return setup
+
+
+def a_sweep():
+    from gopc.sweep.settings import load
+    return load(SWEEP_YAML)
+
+
+def a_study():
+    from gopc.sweep.study import load
+    return load("study.yaml")
+
+
 def recorded_tracking_uri_gone(tmp: Path) -> None:
     """r/ was trained with MLflow in a folder whose mlflow.db has since gone."""
     trained_run(drop=("eval",))(tmp)
@@ -344,8 +365,8 @@ def train(*sets, files=None) -> Cli:
     return gopc(*argv, files={**run_yaml(), **(files or {})})
 
 
-def sweep(*argv, files=None) -> Cli:
-    return Cli("gopc2_stability", argv, files or {})
+def sweep(*argv, files=None, setup=None) -> Cli:
+    return Cli("gopc2_stability", argv, files or {}, setup)
 
 
 def study(*argv, files=None, setup=None) -> Cli:
@@ -608,6 +629,13 @@ ROWS = [
     Row("resume-in-use", "`--resume r` while another run holds r/",
         gopc("train", "--resume", "r", "--quiet", setup=held_by_another_run("r", trained_run(drop=("eval",)))),
         ("--resume", "in use by another run (pid 4242)")),
+    Row("sweep-in-use", "a second driver of a running sweep (one of its name, started again)",
+        sweep("--config", SWEEP_YAML, setup=driver_running(a_sweep)),
+        ("name: sweep 'gopc2_stability' is being run by another driver (pid 4242)", "kill -INT 4242")),
+    Row("sweep-resume-in-use", "`--resume` while the sweep's driver still runs",
+        sweep("--config", SWEEP_YAML, "--resume", setup=driver_running(a_sweep)), ("another driver (pid 4242)", "--resume")),
+    Row("study-in-use", "a second driver of a running study",
+        study(setup=driver_running(a_study)), ("name: study 'gopc2_study' is being run by another driver (pid 4242)",)),
     Row("seeds-repeated", "`--seeds 0,0` (one seed twice: two runs into one folder)",
         gopc("train", "--config", "run.yaml", "--seeds", "0,0", files=run_yaml()), ("--seeds", "names a seed twice")),
     Row("seeds-negative", "`--seeds 0,-1`", gopc("train", "--config", "run.yaml", "--seeds", "0,-1", files=run_yaml()),

@@ -18,9 +18,14 @@ from gopc import config as C
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
     """The experiment, created as a model-training one (the UI would open a new one on its GenAI pages)."""
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(
-        name, tags={"mlflow.experimentKind": "custom_model_development"})
+    if exp := client.get_experiment_by_name(name):
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, tags={"mlflow.experimentKind": "custom_model_development"})
+    except mlflow.MlflowException as e:  # another sweep created it since we looked: use theirs
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id
 
 
 VIEW_TAG = "mlflow.sharedViewState."  # + view id: the MLflow UI's saved views live in experiment tags

@@ -9,6 +9,7 @@ MLflow tracker, fault tolerance and resume are shared.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
 from gopc import config as C
+from gopc import locks
 from gopc.errors import ConfigError, GopcError
 from gopc.sweep import interrupt
 from gopc.sweep import settings as S
@@ -206,6 +208,19 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
     )
 
 
+@contextlib.contextmanager
+def one_driver(s: S.Common, kind: Kind):
+    """One driver per experiment, as one `gopc train` per run folder: a second sweep of the same name, or
+    a --resume while it still runs, would share its Tune state, Optuna study and MLflow parent."""
+    def refuse(pid: str) -> GopcError:
+        return GopcError(f"name: {kind.noun} {s.name!r} is being run by another driver (pid {pid}); wait for it "
+                         f"to end, or stop it (kill -INT {pid}) and continue it with --resume")
+    with contextlib.ExitStack() as held:
+        for key in [s.experiment_path] + [f"{s.study_storage}#{s.name}"] * kind.searched:
+            held.enter_context(locks.held(locks.outside(key), refuse))
+        yield
+
+
 class Interrupted(Exception):
     """A signal stopped the experiment; the message is the one line the driver prints."""
 
@@ -221,6 +236,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
 
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
     from gopc.sweep.parent_run import kill_parent, start_parent
+    from gopc.tracking import create_store
 
     check_storage(s)
     exists = tune.Tuner.can_restore(s.experiment_path)
@@ -242,6 +258,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     check_resources(s)
     if sig := interrupt.received():  # before anything was written: the same command starts it
         raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped before it started; nothing was written")
+    create_store(s.mlflow_uri)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml,
                           saved_view(s, kind))
     if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
@@ -311,7 +328,7 @@ def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: K
         args = parse_args(argv, default_config, kind)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
         s = kind.load(args.config, args.preset, args.set)
-        with interrupt.catching(kind.prog):
+        with interrupt.catching(kind.prog), one_driver(s, kind):
             where = run(s, args.resume, raw_yaml, kind, resume_command(kind, argv))
     except GopcError as e:
         print(f"{kind.prog}: error: {e}", file=sys.stderr)

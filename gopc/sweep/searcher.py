@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
+from gopc import locks
 from gopc.errors import GopcError
 from gopc.sweep.notes import Notes
 from gopc.sweep.settings import study_file
@@ -41,7 +42,8 @@ ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a
 def open_storage(url: str) -> optuna.storages.BaseStorage:
     """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
     if "://" in url:
-        return optuna.storages.RDBStorage(url)
+        with locks.creating(study_file(url)):  # a new file's tables are made once (gopc/locks.py)
+            return optuna.storages.RDBStorage(url)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
 
 

@@ -1,0 +1,47 @@
+"""One command started again and again, each time when tests/test_concurrency.py says go:
+
+    python tests/starter.py CONTROL NAME gopc|sweep|study ARG...
+
+For each round folder of CONTROL/work (sorted), it writes CONTROL/ROUND/NAME.ready, waits for
+CONTROL/ROUND/go, runs the command in the round folder and writes its exit code and stderr to
+CONTROL/ROUND/NAME.done. Its imports are done before the first round, so that the commands of a round
+start within milliseconds of each other: the instant at which two runs race for a new database."""
+import contextlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def new_study(argv) -> int:
+    """What a sweep does first with optuna.db: open the storage (a new file gets its tables) and add a study."""
+    import optuna
+
+    from gopc.sweep.searcher import open_storage
+    optuna.create_study(study_name=argv[0], storage=open_storage(f"sqlite:///{os.path.abspath('optuna.db')}"))
+    return 0
+
+
+def main() -> None:
+    control, name, prog, *argv = sys.argv[1:]
+    from gopc.cli import main as gopc
+    from gopc.sweep.run import main as sweep
+    command = {"gopc": gopc, "sweep": sweep, "study": new_study}[prog]
+    for folder in sorted((Path(control) / "work").iterdir()):
+        signals = Path(control) / folder.name
+        (signals / f"{name}.ready").touch()
+        while not (signals / "go").exists():  # the test creates it once every process is ready
+            time.sleep(0.005)
+        os.chdir(folder)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = command(argv)
+            except BaseException as e:  # noqa: BLE001 - a traceback is what the test must report
+                code, _ = -1, err.write(f"{type(e).__name__}: {e}\n")
+        (signals / f"{name}.done").write_text(f"{code}\n{err.getvalue()}")
+
+
+if __name__ == "__main__":
+    main()
