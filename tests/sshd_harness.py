@@ -329,7 +329,7 @@ X11Forwarding no
 PrintMotd no
 MaxStartups 100:30:200
 MaxSessions 100
-SetEnv HOME={root}/node
+SetEnv HOME={root}/node GOPC_TEST_SESSION={os.environ.get("GOPC_TEST_SESSION", "")}
 Subsystem sftp internal-sftp
 """)
     return cfg
