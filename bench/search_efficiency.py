@@ -45,7 +45,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from gopc import config as C  # noqa: E402
 from gopc.sweep import run as R, settings as S  # noqa: E402
-from gopc.sweep.searcher import trial_status  # noqa: E402
+from gopc.sweep.searcher import COMPLETED, trial_status  # noqa: E402
 from gopc.sweep.space import SearchSpace  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
@@ -100,8 +100,8 @@ def search(name: str, problem: dict, seed: int, n: int) -> dict:
         statuses = [trial_status(r.metrics, r.error is not None, steps) for r in ordered]
         states = [t.state.name for t in alg._ot_study.get_trials(deepcopy=False)]  # the searcher's own study
     first = lambda ok: next((i + 1 for i, st in enumerate(statuses) if st in ok), None)  # noqa: E731
-    return {"statuses": statuses, "first_learned": first({"learned"}), "first_finite": first({"learned", "collapsed"}),
-            "finite": sum(st in ("learned", "collapsed") for st in statuses) / n,
+    return {"statuses": statuses, "first_learned": first({"learned"}), "first_finite": first(set(COMPLETED)),
+            "finite": sum(st in COMPLETED for st in statuses) / n,
             "learned": statuses.count("learned") / n, "optuna": {k: states.count(k) for k in sorted(set(states))}}
 
 

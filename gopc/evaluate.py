@@ -2,7 +2,8 @@
 decoded before the inference step (table 3.2), and the 5-context rollout from the prior alone
 (figure 3.4). Each stands beside the trivial predictions (a blank frame; for the prior and the rollout,
 the last frame too) with a skill score over the better of them, so a model that predicts nothing cannot
-look good: a run whose one-step prior does not beat them by `train.learned_margin` is `collapsed`."""
+look good: a run whose one-step prior does not beat them by `train.learned_margin` is `collapsed`, and
+one that did at an earlier validation but no longer does is `degraded`."""
 from __future__ import annotations
 
 import json
@@ -124,18 +125,55 @@ def evaluate_saved(run_dir: str, split: str, out_dir: str, n: int | None = None)
     return metrics
 
 
+VALIDATIONS_FILE = "validations.json"  # in a run folder: every validation's metrics, with its step
+
+
+def validations(run_dir: str, upto: int) -> list[dict]:
+    """The validations a run made up to step `upto` (a resumed run goes on from its checkpoint's step)."""
+    try:
+        with open(os.path.join(run_dir, VALIDATIONS_FILE)) as f:
+            return [v for v in json.load(f) if v["step"] <= upto]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+
+
+def add_validation(run_dir: str, history: list[dict], step: int, metrics: dict) -> None:
+    """Appends this validation to `history` and its file, and adds the peak so far to `metrics`:
+    `prior/peak_skill_mse` and `prior/peak_step`, which outcome() reads to tell `degraded`."""
+    history.append({"step": step, **{k: float(v) for k, v in metrics.items() if not k.startswith("prior/peak_")}})
+    tmp = os.path.join(run_dir, VALIDATIONS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(history, f)
+    os.replace(tmp, os.path.join(run_dir, VALIDATIONS_FILE))
+    skills = [(v["step"], v.get("prior/skill_mse", float("nan"))) for v in history]
+    finite = [(step, s) for step, s in skills if s == s and abs(s) != float("inf")]
+    if finite:
+        metrics["prior/peak_step"], metrics["prior/peak_skill_mse"] = max(finite, key=lambda v: v[1])
+
+
 def outcome(metrics: dict, margin: float) -> str:
     """`learned` when the one-step prior's MSE beats the better trivial prediction by at least `margin`
     (skill 0.1 = 10% lower error), else `collapsed`. MSE, because a model that has learned only the mean
-    image (a grey blur) still beats a blank frame on BCE by far, but on MSE by a few percent at most."""
-    return "learned" if metrics.get("prior/skill_mse", float("nan")) >= margin else "collapsed"
+    image (a grey blur) still beats a blank frame on BCE by far, but on MSE by a few percent at most.
+    `degraded` when an earlier validation cleared the margin (`prior/peak_skill_mse`) but this one is below
+    it, or below half that peak: it learned, then unlearned (docs/verdict.md, "Late collapse")."""
+    final = metrics.get("prior/skill_mse", float("nan"))
+    peak = metrics.get("prior/peak_skill_mse", float("nan"))
+    if peak >= margin and not (final >= margin and final >= peak / 2):
+        return "degraded"
+    return "learned" if final >= margin else "collapsed"
 
 
 def outcome_line(metrics: dict, margin: float) -> str:
     s = metrics.get("prior/skill_mse", float("nan"))
-    if outcome(metrics, margin) == "learned":
+    word = outcome(metrics, margin)
+    if word == "learned":
         return (f"outcome: learned: the one-step prior's MSE is {s:.0%} below the better trivial prediction "
                 f"(blank or last frame; margin {margin:.0%})")
+    if word == "degraded":
+        return (f"outcome: degraded: the one-step prior's MSE skill peaked at {metrics['prior/peak_skill_mse']:+.0%} "
+                f"at step {metrics['prior/peak_step']:.0f}, then fell to {s:+.0%} (margin {margin:.0%}, or half the "
+                f"peak): it learned, then unlearned")
     return (f"outcome: collapsed: the one-step prior's MSE is {s:+.0%} against the better trivial prediction "
             f"(blank or last frame; margin {margin:.0%}); this model has learned nothing useful")
 

@@ -22,7 +22,7 @@ from gopc import config as C
 from gopc import locks
 from gopc.data import build_datasets, to_float
 from gopc.errors import ConfigError, GopcError
-from gopc.evaluate import evaluate, outcome
+from gopc.evaluate import add_validation, evaluate, outcome, validations
 from gopc.guard import Divergence, Guard
 from gopc.models import build_model, n_params
 
@@ -54,7 +54,7 @@ class Result:
     divergence: Divergence | None = None
     run_dir: str = ""
     signal: int = 0  # killed: the signal's number
-    outcome: str = ""  # learned | collapsed (a completed run, judged against trivial predictions) | diverged
+    outcome: str = ""  # learned | degraded | collapsed (a completed run, against trivial predictions) | diverged
 
 
 def pick_device(name: str) -> torch.device:
@@ -254,6 +254,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         hooks.started(cfg, run_dir, n_params(model))
         fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
         result = Result("completed", start, run_dir=run_dir)
+        history = validations(os.path.dirname(resume_from), start) if resume_from else []  # the peak: `degraded`
         last_finite: dict = {}
 
         bar = tqdm(range(start, t_cfg.steps), initial=start, total=t_cfg.steps, disable=not progress,
@@ -312,7 +313,9 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 hooks.metrics(step + 1, metrics, saved)
             if t_cfg.eval_every and (step + 1) % t_cfg.eval_every == 0 and step + 1 < t_cfg.steps:
                 grids = os.path.join(run_dir, "eval") if hooks.grids_at_every_eval else None
-                hooks.evaluated(step + 1, *evaluate(model, val_set, cfg, grids))
+                metrics, images = evaluate(model, val_set, cfg, grids)
+                add_validation(run_dir, history, step + 1, metrics)
+                hooks.evaluated(step + 1, metrics, images)
         bar.close()
         if stop.signum:  # a signal: checkpoint where the run stands and end it as killed; --resume goes on
             if ckpt_step != result.step:
@@ -321,6 +324,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             hooks.finished(result)
             return result
         result.eval, images = evaluate(model, val_set, cfg, os.path.join(run_dir, "eval"))
+        add_validation(run_dir, history, result.step, result.eval)
         with open(os.path.join(run_dir, "eval", "metrics.json"), "w") as f:
             json.dump(result.eval, f, indent=1)
         result.outcome = outcome(result.eval, t_cfg.learned_margin)

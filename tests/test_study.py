@@ -61,6 +61,39 @@ def test_a_model_that_learns_is_learned_and_one_that_cannot_is_collapsed(tmp_pat
     assert outcome({"prior/skill_mse": 0.1}, 0.1) == "learned" and outcome({"prior/skill_mse": float("nan")}, 0.1) == "collapsed"
 
 
+@pytest.mark.parametrize("skills, word, peak_step", [
+    ([0.02, 0.15, 0.29, 0.28, 0.24, 0.12, 0.10], "degraded", 300),  # issue 24's curve: below half its peak at the end
+    ([0.02, 0.20, 0.30, 0.15, 0.08], "degraded", 300),  # back below the margin
+    ([0.02, 0.06, 0.12, 0.20, 0.31], "learned", 500),  # a monotone learner
+    ([0.02, 0.30, 0.25, 0.22, 0.20], "learned", 200),  # settles within half its peak: still learned
+    ([0.01, 0.05, 0.08, float("nan"), 0.04], "collapsed", 300),  # never cleared the margin
+])
+def test_a_run_that_learned_then_unlearned_is_degraded_with_its_peak(tmp_path, skills, word, peak_step):
+    """A scripted validation curve, one validation every 100 steps, as train.py and a trial record it;
+    the last one decides, with the peak before it."""
+    from gopc.evaluate import add_validation, outcome_line, validations
+    history = []
+    for i, s in enumerate(skills):
+        metrics = {"prior/skill_mse": s}
+        add_validation(str(tmp_path), history, 100 * (i + 1), metrics)
+    assert outcome(metrics, 0.1) == word and metrics["prior/peak_step"] == peak_step
+    assert outcome_line(metrics, 0.1).startswith(f"outcome: {word}: ")
+    if word == "degraded":
+        assert f"peaked at {metrics['prior/peak_skill_mse']:+.0%} at step {peak_step}, then fell" in outcome_line(metrics, 0.1)
+    # a run resumed from its checkpoint at step 300 keeps the validations up to there, and no later ones
+    assert [(v["step"], v["prior/skill_mse"]) for v in validations(str(tmp_path), 300)] == list(zip((100, 200, 300), skills))
+
+
+def test_a_sweep_trial_that_degraded_is_told_apart_from_learned_and_collapsed():
+    """What the searcher, the summary and `gopc best` read: the trial's last report."""
+    from gopc.sweep.searcher import COMPLETED, trial_status
+    done = {"step": 600, "diverged": 0.0}
+    assert trial_status({**done, "learned": 0.0, "degraded": 1.0}, False, 600) == "degraded"
+    assert trial_status({**done, "learned": 1.0, "degraded": 0.0}, False, 600) == "learned"
+    assert trial_status({**done, "learned": 0.0, "degraded": 0.0}, False, 600) == "collapsed"
+    assert COMPLETED == ("learned", "degraded", "collapsed")  # gopc best ranks in this order
+
+
 def write_study(tmp_path, arms, **extra):
     gopc2 = {**TINY, "model": {**TINY["model"], "kind": "gopc2"},
              "stab": {"out_act": "sigmoid", "inner_lr_h": 0.1}, "train": {**TINY["train"], "inject": "loss@7,seed=1"}}
@@ -104,7 +137,13 @@ def test_a_study_gives_survivors_intervals_words_and_one_mlflow_run_per_arm_and_
     assert "gopc2 vs vae1: 1 of 2 vs 2 of 2 survived, p 1, Holm 1: inconclusive" in out
     assert all(k in pairs[0] for k in ("p", "p_holm", "g", "seeds_needed")) and v["primary"] == "prior/mse"
     folder = tmp_path / "sweep_results" / "tiny_study" / "verdict"
-    assert {"report.md", "rollout_error.png", "survival.png", "predictions.png"} <= {p.name for p in folder.iterdir()}
+    assert {"report.md", "rollout_error.png", "survival.png", "predictions.png", "training.png"} <= {p.name for p in folder.iterdir()}
+    # over training: the validations at steps 10 and 20 (Tune iterations), over the seeds that survived
+    t = b["training"]
+    assert t["n"] == 2 and t["steps"] == [10, 20] and len(t["mean"]) == len(t["low"]) == 2
+    assert t["final"]["step"] == 20 and t["peak"]["step"] in (10, 20) and t["peak"]["mean"] == max(t["mean"])
+    assert set(t["seed_peaks"]) == {"0", "1"} and g["training"]["n"] == 1 and g["training"]["seed_peaks"].keys() == {"0"}
+    assert f"  vae1: peak {t['peak']['mean']:+.2f}" in out and "validation prior MSE skill over training" in out
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name("tiny_study")

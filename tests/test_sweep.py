@@ -295,3 +295,26 @@ def test_resume_without_a_sweep_is_refused(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert sweep_main(["--config", SWEEP_YAML, "--preset", "smoke", "--resume"]) == 2
     assert "--resume: no sweep at" in capsys.readouterr().err
+
+
+def test_objective_window_scores_a_trial_by_the_mean_of_its_last_validations(tmp_path):
+    """objective_window k: what Tune and the study are told is the mean of the last k validations, so that a
+    trial which peaks and then falls is scored by its fall; k = 1 is the latest validation alone."""
+    from gopc.evaluate import add_validation
+    from gopc.sweep.trainable import TuneHooks
+
+    class Told(TuneHooks):
+        def report(self, metrics, with_checkpoint):
+            self.told.append(metrics)
+
+    for window, expected in ((1, [0.5, 0.2, 0.4]), (2, [0.5, 0.35, 0.3]), (5, [0.5, 0.35, 1.1 / 3])):
+        hooks, history = Told("prior/mse", 1e6, str(tmp_path / str(window)), 0.1, window), []
+        hooks.told = []
+        os.makedirs(hooks.run_dir)
+        for step, mse in ((100, 0.5), (200, 0.2), (300, 0.4)):
+            metrics = {"prior/mse": mse, "prior/skill_mse": 0.2}
+            add_validation(hooks.run_dir, history, step, metrics)
+            hooks.evaluated(step, metrics, {})
+        assert [round(t["objective"], 6) for t in hooks.told] == [round(e, 6) for e in expected], window
+        assert [t["study_value"] for t in hooks.told] == [t["objective"] for t in hooks.told]
+        assert [t["val/prior/mse"] for t in hooks.told] == [0.5, 0.2, 0.4]  # MLflow still charts each validation

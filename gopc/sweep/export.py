@@ -32,7 +32,7 @@ class NothingToExport(GopcError):
 def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str = "",
                  optuna_storage: str = "") -> list[tuple]:
     """The sweep's top trials by its Optuna study (its storage as the sweep's settings resolve it) as
-    (MLflow run, run config, "metric value"), best first: learned trials, then collapsed ones only to fill up (their
+    (MLflow run, run config, "metric value"), best first: learned trials, then degraded and collapsed ones only to fill up (their
     header says so), each config as its MLflow run logged it."""
     if top < 1:
         raise GopcError(f"--top: {top} must be at least 1")
@@ -44,7 +44,7 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
     if parent is None:
         raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
     ranked = []
-    for status in COMPLETED:  # learned trials first, collapsed ones only to fill up
+    for status in COMPLETED:  # learned trials first, degraded then collapsed ones only to fill up
         ranked += sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
                           and t.user_attrs.get("status") == status), key=lambda t: t.value,
                          reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)

@@ -24,7 +24,7 @@ from gopc.sweep.settings import study_file
 # module-level map because the searcher and the callbacks are pickled and restored apart by Tune.
 _LAST_GRIDS: dict[str, object] = {}
 GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py), for Optuna and MLflow
-OUTCOMES = ("learned", "collapsed", "stopped early", "diverged", "errored")
+OUTCOMES = ("learned", "degraded", "collapsed", "stopped early", "diverged", "errored")
 
 
 class LastGrids(tune.Callback):
@@ -87,6 +87,10 @@ def trial_note(number: int, trial_id: str, status: str, result: dict, metric: st
     elif status == "learned":
         lines += [f"**Learned**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '.0%')} below the better "
                   f"trivial prediction (margin {margin:.0%}).", ""]
+    elif status == "degraded":
+        lines += [f"**Degraded**: its one-step prior's MSE skill peaked at {_f(r.get('val/prior/peak_skill_mse'), '+.0%')} "
+                  f"(step {int(r.get('val/prior/peak_step', 0))}), then fell to {_f(r.get('val/prior/skill_mse'), '+.0%')} "
+                  f"at its end (margin {margin:.0%}, or half the peak): it learned, then unlearned.", ""]
     elif status == "collapsed":
         lines += [f"**Collapsed**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '+.0%')} against the "
                   f"better trivial prediction (margin {margin:.0%}): it learned nothing useful; the constraint "
@@ -116,7 +120,8 @@ def study_note(study: optuna.Study, metric: str, mode: str, margin: float) -> st
         f"## {study.study_name}", "",
         f"**Objective**: `{metric}` on the validation split ({mode}imise): the one-step prior's error when the "
         f"metric is `prior/mse`. A trial has **learned** when its prior's MSE beats both a blank frame and the last "
-        f"frame by {margin:.0%}; else it **collapsed**.", "",
+        f"frame by {margin:.0%}; else it **collapsed**, or **degraded** when an earlier validation had learned "
+        "(its end fell below the margin, or below half its peak).", "",
         "Every value is a real validation: a diverged trial's value is its last validation (or the blank frame's "
         "score when it diverged before any), and it is infeasible (`diverged` > 0), as a collapsed one is "
         "(`collapsed` > 0). Trials stopped early by ASHA are PRUNED.", "",

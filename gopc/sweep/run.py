@@ -133,7 +133,8 @@ def make_trainable(s: S.Common, kind: Kind, hooks_class=None):
     from gopc.sweep.trainable import TuneHooks, run_trial
     return tune.with_resources(
         tune.with_parameters(run_trial, bases=s.bases, metric=s.metric, penalty=s.penalty,
-                             report_every=s.report_every, test=kind.test, hooks_class=hooks_class or TuneHooks),
+                             report_every=s.report_every, test=kind.test, hooks_class=hooks_class or TuneHooks,
+                             window=getattr(s, "objective_window", 1)),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
@@ -199,7 +200,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
             name=s.name, storage_path=s.storage_path, verbose=1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={"step": "step", "objective": s.metric, "val/prior/skill_mse": "skill",
-                                "learned": "learned", "diverged": "diverged"},
+                                "learned": "learned", "degraded": "degraded", "diverged": "diverged"},
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

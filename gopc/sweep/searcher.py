@@ -58,7 +58,7 @@ def open_study(name: str, url: str) -> optuna.Study:
                         "check the sweep name, or pass its storage (--optuna-storage, optuna_storage)") from None
 
 
-COMPLETED = ("learned", "collapsed")  # the statuses of a trial that trained to the end
+COMPLETED = ("learned", "degraded", "collapsed")  # the statuses of a trial that trained to the end
 
 
 def divergence_constraint(diverged_step: int, total_steps: int) -> float:
@@ -144,6 +144,9 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         ot_trial.set_user_attr("diverged", float(status == "diverged"))
         if result and "val/prior/skill_mse" in result:
             ot_trial.set_user_attr("prior_skill_mse", float(result["val/prior/skill_mse"]))
+        if result and "val/prior/peak_skill_mse" in result:  # `degraded`: how high it was, and when
+            ot_trial.set_user_attr("peak_skill_mse", float(result["val/prior/peak_skill_mse"]))
+            ot_trial.set_user_attr("peak_step", int(result["val/prior/peak_step"]))
         if status == "diverged":
             ot_trial.set_user_attr("diverged_step", int(result["step"]))
             ot_trial.set_constraint("diverged", divergence_constraint(int(result["step"]), self.total_steps))
@@ -172,7 +175,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
 
 
 def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
-    """learned / collapsed / diverged / stopped early / errored: the status tag of a finished trial."""
+    """learned / degraded / collapsed / diverged / stopped early / errored: a finished trial's status tag."""
     if error:
         return "errored"
     if not result:  # stopped before it ever reported
@@ -181,4 +184,4 @@ def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
         return "diverged"
     if result.get("step", 0) < total_steps:
         return "stopped early"
-    return "learned" if result.get("learned") else "collapsed"
+    return "learned" if result.get("learned") else "degraded" if result.get("degraded") else "collapsed"

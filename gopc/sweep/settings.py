@@ -87,6 +87,10 @@ class Settings(Common):
     # the searcher no better than random search before its 11th trial; 5 found a learned config in
     # fewer trials on every seed of bench/search_efficiency.py (docs/performance.md).
     n_startup_trials: int = C.bounded(5, 1)
+    # The objective a trial reports: the mean of its last k validations (1: the latest alone). k > 1 holds
+    # out for the long run: a trial that learned, then unlearned (`degraded`), scores its decline, not its
+    # peak (docs/verdict.md, "Late collapse").
+    objective_window: int = C.bounded(1, 1)
     scheduler: Scheduler = field(default_factory=Scheduler)
     start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
     space: list[Param] = field(default_factory=list)

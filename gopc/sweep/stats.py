@@ -14,6 +14,15 @@ ALPHA = 0.05
 POWER = 0.8
 
 
+def interval(values: list[float]) -> dict:
+    """Mean and its 95% Student-t interval; with one value the interval is unknown (NaN)."""
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0:
+        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
+    half = stats.t.ppf(0.5 + LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "n": len(v)}
+
+
 def holm(p: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values, in the order given: the k-th smallest of m is multiplied by
     m - k + 1, then made non-decreasing along that order and capped at 1. NaN (not tested) stays NaN and

@@ -42,7 +42,7 @@ def trial_rows(s: Settings, results) -> list[dict]:
                "diverged_step": m.get("diverged_step", ""), "diverged_quantity": m.get("diverged_quantity", ""),
                "error": str(r.error).strip().splitlines()[0][:200] if r.error else ""}
         row.update({p.name: r.config.get(p.name, "") for p in s.space})
-        row.update({k: v for k, v in m.items() if k.startswith("val/") and k.endswith(("mse", "bce", "ssim", "psnr"))
+        row.update({k: v for k, v in m.items() if k.startswith("val/") and k.endswith(("mse", "bce", "ssim", "psnr", "peak_step"))
                     and not k.endswith("_std")})
         rows.append(row)
     return rows
@@ -54,7 +54,8 @@ def load_study(s: Settings) -> optuna.Study:
 
 
 def best_row(s: Settings, rows: list[dict]) -> dict | None:
-    """The best learned trial by the objective; if none learned, the best collapsed one (the caller says so)."""
+    """The best learned trial by the objective; if none learned, the best degraded one, then the best collapsed
+    one (the caller says so)."""
     for status in COMPLETED:
         done = [r for r in rows if r["status"] == status and math.isfinite(float(r["objective"]))]
         if done:
@@ -72,12 +73,12 @@ def _group_key(p, value, ran) -> str:
     return f"{edges[b]:.2g}-{edges[b + 1]:.2g}"
 
 
-OUTCOMES = {"learned": "tab:green", "collapsed": "tab:orange", "stopped early": "tab:gray",
+OUTCOMES = {"learned": "tab:green", "degraded": "tab:olive", "collapsed": "tab:orange", "stopped early": "tab:gray",
             "diverged": "tab:red"}  # bottom to top in the stacked bars
 
 
 def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
-    """Per parameter, per value: the share of trials that learned, collapsed, were stopped early or
+    """Per parameter, per value: the share of trials that learned, degraded, collapsed, were stopped early or
     diverged, stacked; n above each bar. Answers "which stabilizers make GOPC-2 train *and learn*"."""
     ran = [r for r in rows if r["status"] != "errored"]
     cols = min(4, len(s.space))
@@ -207,6 +208,10 @@ def verdict_line(best: dict | None) -> str:
     """The sweep's answer in one line: whether any trial learned, and what the best one scored."""
     if best is None:
         return "No trial trained to the end: every trial diverged, errored or was stopped early. No config to export."
+    if best["status"] == "degraded":
+        return (f"No trial learned to its end: the best one learned, then unlearned (degraded: its prior skill peaked at "
+                f"{float(best.get('val/prior/peak_skill_mse', 'nan')):+.2f} at step {best.get('val/prior/peak_step', '?')}); "
+                f"at its end: validation {scored_line(best, 'val/')}. The exported config is the least bad, not a trained model.")
     if best["status"] != "learned":
         return ("No trial learned: every finished trial's one-step prior is no better than a blank or the last frame "
                 f"(best {best['status']}: validation {scored_line(best, 'val/')}). The exported config is the least bad, not a trained model.")

@@ -28,9 +28,9 @@ from gopc.tracking import logged_steps
 DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_grad_norm_before")
 # What a user charts: the real metrics, never Tune's `objective` (a copy of the metric, or for a diverged
 # trial the searcher's penalty, which would flatten every sort, average and chart).
-LOGGED = ("diverged", "learned", "diverged_step", "max_grad_norm_before")
+LOGGED = ("diverged", "learned", "degraded", "diverged_step", "max_grad_norm_before")
 # The MLflow status each outcome ends in, so the runs table shows it by its icon.
-RUN_STATUS = {"learned": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
+RUN_STATUS = {"learned": "FINISHED", "degraded": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
               "stopped early": "KILLED", "interrupted": "KILLED"}  # interrupted: a signal to the driver
 
 

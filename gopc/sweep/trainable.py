@@ -6,7 +6,8 @@ a finite penalty as the objective and `diverged=1`, then returns: it never raise
 trial is retried by FailureConfig and ignored by TPE. The penalty is for Tune alone (ASHA must rank a
 diverged trial last); every report also carries `study_value`, what the Optuna study is told instead:
 the last finite validation of the objective, or the blank frame's score before there was one, a real
-number on the objective's own scale. A study's trial (one arm, one seed), having
+number on the objective's own scale. With the sweep's `objective_window` k > 1, the objective is the
+mean of the last k validations: a trial that peaks, then falls, is scored by its fall. A study's trial (one arm, one seed), having
 selected nothing on the test split, is then evaluated on it once, for the verdict.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import torch
 from ray import tune
 
-from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, outcome
+from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, outcome, validations
 from gopc.sweep.space import trial_config
 from gopc.train import Hooks, train
 
@@ -27,8 +28,8 @@ class TuneHooks(Hooks):
     # validation puts the latest ones in every checkpoint, so every trial's run shows predictions.
     grids_at_every_eval = True
 
-    def __init__(self, metric: str, penalty: float, run_dir: str, margin: float):
-        self.metric, self.penalty, self.run_dir, self.margin = metric, penalty, run_dir, margin
+    def __init__(self, metric: str, penalty: float, run_dir: str, margin: float, window: int = 1):
+        self.metric, self.penalty, self.run_dir, self.margin, self.window = metric, penalty, run_dir, margin, window
         self.last_train: dict = {}
         self.last_report: dict = {}
         self.checkpoint: str | None = None
@@ -58,12 +59,17 @@ class TuneHooks(Hooks):
     def evaluated(self, step, metrics, images):
         objective = metrics.get(self.metric, float("nan"))
         finite = objective == objective and abs(objective) != float("inf")
+        if finite and self.window > 1:  # the mean of the last `window` validations (train.py kept them)
+            recent = [v.get(self.metric, float("nan")) for v in validations(self.run_dir, step)[-self.window:]]
+            objective = sum(recent) / len(recent) if recent else objective
+            finite = objective == objective and abs(objective) != float("inf")
         if finite:
             self.last_value = float(objective)
+        word = outcome(metrics, self.margin)
         report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
                   "objective": objective if finite else self.penalty, "diverged": 0.0,
                   "study_value": self.last_value if self.last_value is not None else self.blank_value(metrics),
-                  "learned": float(outcome(metrics, self.margin) == "learned")}
+                  "learned": float(word == "learned"), "degraded": float(word == "degraded")}
         self.report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
@@ -84,7 +90,7 @@ class TuneHooks(Hooks):
 
 
 def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_every: int, test: bool = False,
-              hooks_class: type[TuneHooks] = TuneHooks) -> None:
+              hooks_class: type[TuneHooks] = TuneHooks, window: int = 1) -> None:
     cfg = trial_config(bases, config)
     t = cfg.train
     resources = tune.get_context().get_trial_resources().required_resources
@@ -96,7 +102,7 @@ def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_eve
         restored.to_directory(run_dir)
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
-    hooks = hooks_class(metric, penalty, run_dir, t.learned_margin)
+    hooks = hooks_class(metric, penalty, run_dir, t.learned_margin, window)
     hooks.schedule(t, report_every)
     # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
     result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False, field="storage")

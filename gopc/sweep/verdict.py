@@ -34,20 +34,12 @@ from gopc import config as C  # noqa: E402
 from gopc.evaluate import SECTIONS, TEST_DIR, outcome  # noqa: E402
 from gopc.metrics import SKILL_METRICS  # noqa: E402
 from gopc.sweep import stats as St  # noqa: E402
+from gopc.sweep.over_training import curve, summarise, survival_plot, training_plot  # noqa: E402
 from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
 METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
 SKILLS = [f"{s}/skill_{m}" for s in SECTIONS for m in SKILL_METRICS]
 TRIVIAL = [f"{s}/{ref}_{m}" for s in SECTIONS for ref in ("blank", "last") for m in SKILL_METRICS if (s, ref) != ("posterior", "last")]
-
-
-def interval(values: list[float]) -> dict:
-    """Mean and its 95% Student-t interval; with one value the interval is unknown (NaN)."""
-    v = np.asarray(values, dtype=float)
-    if len(v) == 0:
-        return {"mean": math.nan, "low": math.nan, "high": math.nan, "n": 0}
-    half = stats.t.ppf(0.5 + St.LEVEL / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
-    return {"mean": float(v.mean()), "low": float(v.mean() - half), "high": float(v.mean() + half), "n": len(v)}
 
 
 def higher_is_better(metric: str) -> bool:
@@ -138,7 +130,8 @@ def compare(arms: dict, runs: dict, primary: str, fraction: float) -> tuple[list
 
 
 def collect(s, results) -> dict[str, list[dict]]:
-    """Per arm, one record per seed: status, the step it diverged at, test metrics, its checkpoint."""
+    """Per arm, one record per seed: status, the step it diverged at, its validation curve, test metrics,
+    its checkpoint."""
     from gopc.sweep.searcher import trial_status
     steps = C.from_dict(s.base).train.steps
     runs = defaultdict(list)
@@ -146,9 +139,19 @@ def collect(s, results) -> dict[str, list[dict]]:
         m = r.metrics or {}
         runs[r.config["arm"]].append({
             "seed": r.config["train.seed"], "status": trial_status(m, r.error is not None, steps),
-            "diverged_step": m.get("diverged_step"), "checkpoint": r.checkpoint,
+            "diverged_step": m.get("diverged_step"), "checkpoint": r.checkpoint, "curve": curve(r),
             "test": {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}})
     return {arm: sorted(runs[arm], key=lambda x: x["seed"]) for arm in s.arm_configs}
+
+
+def seed_outcome(x: dict, margin: float) -> str:
+    """`degraded` when the seed's validations rose above the margin and then fell (the rule of
+    gopc/evaluate.py outcome(), on its validation curve); else learned or collapsed on the test split."""
+    if x["curve"]:
+        ends = {"prior/skill_mse": x["curve"][-1][1], "prior/peak_skill_mse": max(s for _, s in x["curve"])}
+        if outcome(ends, margin) == "degraded":
+            return "degraded"
+    return outcome(x["test"], margin)
 
 
 def build(s, runs: dict[str, list[dict]]) -> dict:
@@ -156,16 +159,18 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
     for name, seeds in runs.items():
         alive = [x for x in seeds if x["test"]]
         margin = C.from_dict(s.arm_configs[name]).train.learned_margin
-        outcomes = [outcome(x["test"], margin) for x in alive]
-        learned = outcomes.count("learned")
+        outcomes = [seed_outcome(x, margin) for x in alive]
+        learned, degraded = outcomes.count("learned"), outcomes.count("degraded")
         arms[name] = {
             "model": s.arm_configs[name]["model"]["kind"], "seeds": [x["seed"] for x in seeds],
             "survived": len(alive), "survivors": [x["seed"] for x in alive],
             "diverged": {str(x["seed"]): x["diverged_step"] for x in seeds if x["status"] == "diverged"},
             "errored": [x["seed"] for x in seeds if x["status"] == "errored"],
             "outcome": ("diverged" if not alive else "learned" if learned == len(alive) else
-                        "collapsed" if learned == 0 else f"mixed ({learned} of {len(alive)} learned)"),
-            "metrics": {k: interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
+                        "degraded" if degraded == len(alive) else "collapsed" if learned + degraded == 0 else
+                        f"mixed ({learned} of {len(alive)} learned" + (f", {degraded} degraded)" if degraded else ")")),
+            "training": summarise(seeds),
+            "metrics": {k: St.interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
             "trivial": {k: float(np.mean([x["test"][k] for x in alive])) for k in TRIVIAL} if alive else {}}
     pairs, survival = compare(arms, runs, s.primary, s.equivalence)
     return {"study": s.name, "date": time.strftime("%Y-%m-%d"), "level": St.LEVEL,
@@ -200,11 +205,19 @@ def table(v: dict) -> str:
     apart = {(p["a"], p["b"]): p["why"] for p in v["pairs"] if p["word"] == "not comparable"}
     lines += [pair_line(p) for m in shown[1:] for p in v["pairs"] if p["metric"] == m and (p["a"], p["b"]) not in apart]
     lines += [f"  {a} vs {b}, every secondary metric: not comparable: {why}" for (a, b), why in apart.items()]
-    for name, a in v["arms"].items():
-        if a["outcome"] != "learned":
-            where = "every surviving seed" if a["outcome"] == "collapsed" else "some seeds"
-            lines.append(f"{name}: {a['outcome']}: " + ("no seed survived" if a["outcome"] == "diverged" else
-                         f"on {where} its one-step prior is no better than a blank or the last frame: it learned nothing there"))
+    skill = lambda i: f"{i['mean']:+.2f} [{_shown(i['low'], '+.2f')}, {_shown(i['high'], '+.2f')}] at step {i['step']}"  # noqa: E731
+    trained = {name: a["training"] for name, a in v["arms"].items() if a.get("training")}
+    if trained:
+        lines.append("validation prior MSE skill over training, mean [95% interval] over survivors (training.png):")
+        lines += [f"  {name}: peak {skill(t['peak'])}; end {skill(t['final'])}" for name, t in trained.items()]
+    why = {"diverged": "no seed survived",
+           "degraded": "on every surviving seed it learned, then unlearned: its validation skill fell below the "
+                       "margin or below half its peak",
+           "collapsed": "on every surviving seed its one-step prior is no better than a blank or the last frame: "
+                        "it learned nothing"}
+    lines += [f"{name}: {a['outcome']}: " + why.get(a["outcome"], "not every surviving seed learned to the end; the "
+                                                    "others collapsed or degraded")
+              for name, a in v["arms"].items() if a["outcome"] != "learned"]
     return "\n".join(lines)
 
 
@@ -240,7 +253,7 @@ def rollout_plot(v: dict, runs: dict, path: str) -> str:
         if not curves:
             continue
         per_step = np.array([c["rollout"]["mse"] for c in curves])
-        band = [interval(col) for col in per_step.T]
+        band = [St.interval(col) for col in per_step.T]
         t = np.arange(per_step.shape[1]) + curves[0]["rollout"]["first_frame"]
         ax.plot(t, [b["mean"] for b in band], label=f"{name} ({len(curves)} seeds)")
         if len(curves) > 1:
@@ -250,25 +263,6 @@ def rollout_plot(v: dict, runs: dict, path: str) -> str:
         ax.plot(refs[0], refs[1], "k--", lw=1, label="blank frame")
         ax.plot(refs[0], refs[2], "k:", lw=1, label="last context frame")
     ax.set(xlabel="frame", ylabel="per-pixel MSE", title="rollout error by step on the test split (95% band)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
-def survival_plot(v: dict, s, path: str) -> str:
-    steps = C.from_dict(s.base).train.steps
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    for name, a in v["arms"].items():
-        died = sorted(int(x) for x in a["diverged"].values() if x is not None)
-        xs = [0] + died + [steps]
-        alive = [len(a["seeds"]) - len(a["errored"]) - i for i in range(len(died) + 1)]
-        ax.step(xs, alive + alive[-1:], where="post", label=f"{name}: {a['survived']} of {len(a['seeds'])} survived")
-    tests = [f"{x['a']} vs {x['b']}: {x['word']} (Holm p {x['p_holm']:.2g})" for x in v["survival"]]
-    ax.set(xlabel="training step", ylabel="seeds still finite", ylim=(-0.2, len(s.seeds) + 0.5),
-           title="survival over training" + ("\n" + "; ".join(tests[:3]) if tests else ""))
-    ax.title.set_fontsize(8)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -322,6 +316,7 @@ def report(v: dict, command: str) -> str:
              f"An arm has *learned* when its one-step prior's MSE beats the better trivial prediction (blank or "
              f"last frame) by at least {v['margin']:.0%}.", "", "```", table(v), "```", "",
              "![rollout error](rollout_error.png)", "", "![predictions](predictions.png)", "", "![survival](survival.png)", "",
+             "![learning over training](training.png)", "",
              "## Survival", "", "| a | b | a survived | b survived | p (Fisher) | Holm p | word |", "|---|---|---:|---:|---:|---:|---|"]
     f = _shown
     for x in v["survival"]:
@@ -365,6 +360,7 @@ def write_verdict(s, results, parent: str) -> list[str]:
         f.write(report(v, " ".join(["python"] + sys.argv)))
     files["rollout"] = rollout_plot(v, runs, os.path.join(folder, "rollout_error.png"))
     files["survival"] = survival_plot(v, s, os.path.join(folder, "survival.png"))
+    files["training"] = training_plot(v, s, os.path.join(folder, "training.png"))
     if picture := predictions_plot(runs, os.path.join(folder, "predictions.png")):
         files["predictions"] = picture
     metrics = {f"{arm}.{k}": a["metrics"][k]["mean"] for arm, a in v["arms"].items() for k in ("prior/mse", "prior/skill_mse")}
