@@ -259,6 +259,10 @@ class MlflowHooks(Hooks):
             log_model(self.cfg, model)
         self.mlflow.end_run(status)
 
+    def settle(self):
+        if self.queue is not None:
+            self.queue.drain(dbfile.busy_wait(), quiet=True)
+
     def failed(self):
         if self.queue is None:  # the run was never created
             return

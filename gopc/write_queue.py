@@ -35,16 +35,19 @@ class WriteQueue:
         with self._cv:
             return len(self._ops)
 
-    def drain(self, wait: float) -> bool:
+    def drain(self, wait: float, quiet: bool = False) -> bool:
         """Wait up to `wait` seconds for every write to be made (a line says so if it must wait)."""
         with self._cv:
             if not self._ops:
                 return True
-            print(f"gopc: waiting up to {wait:g} s for MLflow at {self.where} to log {len(self._ops)} queued "
-                  f"write(s)", file=sys.stderr, flush=True)
+            if not quiet:
+                print(f"gopc: waiting up to {wait:g} s for MLflow at {self.where} to log {len(self._ops)} queued "
+                      f"write(s)", file=sys.stderr, flush=True)
             self._hurry, self._nudges = True, self._nudges + 1
             self._cv.notify_all()
-            return self._cv.wait_for(lambda: not self._ops, timeout=wait)
+            done = self._cv.wait_for(lambda: not self._ops, timeout=wait)
+            self._hurry = False
+            return done
 
     def _run(self) -> None:
         gap = self.RETRY_S[0]
