@@ -181,7 +181,7 @@ def cmd_best(args) -> int:
     if db and not os.path.isfile(db):  # MLflow would create an empty database just to look in it
         raise GopcError(f"--sweep: no sweep named {args.sweep!r}: there is no MLflow database {db}; "
                         f"run from the sweep's folder or pass --tracking-uri")
-    check_tracking(uri, "--tracking-uri")
+    check_tracking(uri, "--tracking-uri", write=False)  # gopc best only reads: a read-only database will do
     C.check_creatable(output, "--output")
     from gopc.sweep.export import export_best  # after the checks: it imports Ray's and MLflow's heavy parts
     paths = export_best(args.sweep, args.top, output, uri, args.experiment, args.optuna_storage)

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
+import sys
+import time
 import urllib.error
 import urllib.request
 
-from gopc import locks
+from gopc import dbfile, locks
 from gopc.config import Config, dump, redact
 from gopc.errors import ConfigError
 from gopc.train import Hooks, Result
+from gopc.write_queue import WriteQueue
 
 # An unreachable tracking server must cost seconds, not MLflow's default minutes of retries (as for the
 # sweep driver, gopc/sweep/run.py). MLflow reads these at each request.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-BUSY_WAIT = 10.0  # seconds to wait for another writer's lock on an SQLite tracking database
 URI_FILE = "mlflow_tracking_uri"  # in a run folder: where the default tracking URI pointed at its start
 
 
@@ -34,31 +35,24 @@ def resolve_uri(uri: str) -> str:
                       "use sqlite:///path/mlflow.db or http://host:port")
 
 
-def check_tracking(uri: str, field: str, run_id: str | None = None) -> None:
+def check_tracking(uri: str, field: str, run_id: str | None = None, write: bool = True) -> None:
     """Before anything is written: the tracking store answers and holds MLflow's tables (and the run
-    to continue, if any). Creates nothing: a missing SQLite file is only created by the run itself."""
+    to continue, if any). Creates nothing: a missing SQLite file is only created by the run itself.
+    `write=False` (gopc best, which only reads) accepts a read-only database."""
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         folder = os.path.dirname(path) or "."
         if run_id and not os.path.exists(path):
             raise ConfigError(f"{field}: there is no MLflow database {path} to continue run {run_id} in; "
                               f"set mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        if write and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
             raise ConfigError(f"{field}: the folder of {path} is missing or not writable; create it or fix {field}")
         locks.wait_for_creation(path)
-        if not os.path.exists(path):
+        # read-only, cut off, damaged or held by another writer: MLflow itself would try to create its
+        # tables in any file it is given, and fail in a traceback once the run folder exists
+        tables = dbfile.check(path, field, "an MLflow database", f"point {field} elsewhere", write=write)
+        if tables is None:
             return
-        try:  # read-only: MLflow itself would try to create its tables in any file it is given
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=BUSY_WAIT)) as db:
-                tables = {name for (name,) in db.execute("select name from sqlite_master where type='table'")}
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e):
-                raise ConfigError(f"{field}: {path} cannot be read ({e}); check the file, or point {field} elsewhere") from None
-            raise ConfigError(f"{field}: {path} is held by another writer (database is locked for over "
-                              f"{BUSY_WAIT:g} s); let that process finish or stop it, then run again") from None
-        except sqlite3.DatabaseError as e:
-            raise ConfigError(f"{field}: {path} is not an MLflow database ({e}); move it away or point "
-                              f"{field} elsewhere") from None
         if tables and "experiments" not in tables:
             raise ConfigError(f"{field}: {path} is an SQLite file but not an MLflow database; move it away or "
                               f"point {field} elsewhere")
@@ -162,25 +156,40 @@ def clean_params(cfg: Config) -> dict[str, str]:
 
 
 class MlflowHooks(Hooks):
-    """Call check_tracking(uri, ...) first: this class assumes a store that answers."""
+    """Call check_tracking(uri, ...) first: this class assumes a store that answers when the run starts.
+
+    Once the run is created, tracking trouble never stops the training: its writes go to MLflow from a
+    thread of their own (gopc/write_queue.py), in order, retried while the database is held or the
+    server away. At the run's end the queue gets GOPC_BUSY_WAIT seconds to empty, then the model is
+    logged and the run ended; what is still queued then is named in one line (the checkpoint and the
+    evaluation are in the run folder either way)."""
 
     def __init__(self, cfg: Config, run_id: str | None = None, tags: dict | None = None, uri: str | None = None):
         import mlflow
         self.mlflow, self.cfg, self.run_id, self.tags = mlflow, cfg, run_id, tags or {}
         self.uri = uri or resolve_uri(cfg.mlflow.tracking_uri)
         self.logged: dict[str, int] = {}  # a resumed run: the last step of each metric already in MLflow
+        self.queue: WriteQueue | None = None  # from the run's start on
 
     def started(self, cfg, run_dir, n_params):
+        import logging
+
+        from mlflow.entities import Param, RunTag
         mlflow = self.mlflow
         create_store(self.uri)
         mlflow.set_tracking_uri(self.uri)
         if "mlflow.experimentKind" not in mlflow.set_experiment(cfg.mlflow.experiment).tags:
             mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")  # the UI's runs pages
         resumed = self.run_id is not None
+        # A write that fails is the queue's to report, in one line: not MLflow's SQL dump and traceback at
+        # each try, nor the system metrics thread's warnings (a sample it cannot write is lost).
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+        logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.ERROR)
         # system metrics: CPU and memory (psutil), GPU where nvidia-ml-py is installed (scripts/install.sh)
         run = mlflow.start_run(run_id=self.run_id, run_name=cfg.mlflow.run_name or os.path.basename(run_dir),
                                log_system_metrics=True)
-        self.run_id = run.info.run_id
+        self.run_id, self.run_dir = run.info.run_id, run_dir
+        self.client, self.queue = mlflow.MlflowClient(self.uri), WriteQueue(redact(self.uri))
         with open(os.path.join(run_dir, "mlflow_run_id"), "w") as f:
             f.write(self.run_id)
         if not cfg.mlflow.tracking_uri:  # ./mlflow.db of the folder it started in, for --resume from elsewhere
@@ -189,25 +198,38 @@ class MlflowHooks(Hooks):
         if resumed:
             # Steps after the last checkpoint were logged before the run stopped and come again: keep
             # MLflow's first rows (the same values: resume is exact), so no step appears twice.
-            self.logged = logged_steps(mlflow.MlflowClient(self.uri), self.run_id)
+            self.logged = logged_steps(self.client, self.run_id)
         else:
-            mlflow.log_params(clean_params(cfg))
-            mlflow.log_param("n_params", n_params)
-            try:
-                mlflow.log_input(dataset(cfg), context="training")
-            except mlflow.MlflowException:  # another run added the same dataset since MLflow looked: link theirs
-                mlflow.log_input(dataset(cfg), context="training")
-        mlflow.set_tags({"status": "running", "model": cfg.model.kind, **self.tags})
-        mlflow.log_text(redact(dump(cfg)), "config.yaml")
-        self.run_dir = run_dir
+            params = {**clean_params(cfg), "n_params": str(n_params)}
+            self.queue.put(lambda: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()]))
+            self.queue.put(self._log_input)
+        tags = {"status": "running", "model": cfg.model.kind, **self.tags}
+        self.queue.put(lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        self.queue.put(lambda: self.client.log_text(self.run_id, redact(dump(cfg)), "config.yaml"))
+
+    def _log_input(self):
+        """The client's log_inputs, as mlflow.log_input makes it (which needs the run active on its thread)."""
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+        def log():
+            self.client.log_inputs(self.run_id, [DatasetInput(dataset(self.cfg)._to_mlflow_entity(),
+                                                              [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+        try:
+            log()
+        except self.mlflow.MlflowException as e:  # another run added the same dataset since MLflow looked: link theirs
+            if "locked" in str(e):
+                raise
+            log()
 
     def _log(self, step, metrics):
+        from mlflow.entities import Metric
         # each (key, step) once: a resumed run repeats the steps after its checkpoint, a diverged one
         # reports its last finite step again at the divergence
         new = {k: v for k, v in metrics.items() if step > self.logged.get(k, -1)}
         if new:
-            self.mlflow.log_metrics(new, step=step)
             self.logged.update(dict.fromkeys(new, step))
+            batch = [Metric(k, float(v), int(time.time() * 1000), step) for k, v in new.items()]
+            self.queue.put(lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def metrics(self, step, metrics, checkpoint):
         self._log(step, {f"train/{k}": v for k, v in metrics.items()})
@@ -215,26 +237,44 @@ class MlflowHooks(Hooks):
     def evaluated(self, step, metrics, images):
         self._log(step, {f"val/{k}": v for k, v in metrics.items()})
         for path in images.values():
-            self.mlflow.log_artifact(str(path), artifact_path=f"eval/step-{step}")
+            self.queue.put(lambda path=str(path): self.client.log_artifact(self.run_id, path, f"eval/step-{step}"))
 
     def diverged(self, record, run_dir):
-        self.mlflow.log_dict(record.to_dict(), "divergence.json")
-        self.mlflow.set_tags({"diverged_step": record.step, "diverged_quantity": record.quantity})
+        from mlflow.entities import RunTag
+        self.queue.put(lambda: self.client.log_dict(self.run_id, record.to_dict(), "divergence.json"))
+        self.queue.put(lambda: self.client.log_batch(self.run_id, tags=[
+            RunTag("diverged_step", str(record.step)), RunTag("diverged_quantity", str(record.quantity))]))
+
+    def _end(self, status: str, model: str | None = None) -> None:
+        """Wait (GOPC_BUSY_WAIT at most) for the queue, then log the model and end the run, on this thread:
+        MLflow's fluent run (its model logging, its system metrics) belongs to the thread that started it."""
+        if not self.queue.drain(dbfile.busy_wait()):
+            print(f"gopc: MLflow at {redact(self.uri)} still fails ({self.queue.trouble}): {len(self.queue)} write(s) "
+                  f"not logged, run {self.run_id} left RUNNING there; the checkpoint and the evaluation are in "
+                  f"{self.run_dir}", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # it pops the run first, so a next seed can start its own
+                self.mlflow.end_run(status)
+            return
+        if model:
+            log_model(self.cfg, model)
+        self.mlflow.end_run(status)
+
+    def settle(self):
+        if self.queue is not None:
+            self.queue.drain(dbfile.busy_wait(), quiet=True)
 
     def failed(self):
-        if self.mlflow.active_run() is None:
+        if self.queue is None:  # the run was never created
             return
-        try:
-            self.mlflow.set_tag("status", "errored")
-            self.mlflow.end_run(status="FAILED")
-        except Exception:  # noqa: BLE001: the store itself may be what failed; the error is raised anyway
-            pass
+        self.queue.put(lambda: self.client.set_tag(self.run_id, "status", "errored"))
+        with contextlib.suppress(Exception):  # the error itself is raised anyway
+            self._end("FAILED")
 
     def finished(self, result: Result):
         ckpt = os.path.join(self.run_dir, "checkpoint.pt")
         if os.path.exists(ckpt):
-            self.mlflow.log_artifact(ckpt)
-        if result.status == "completed":
-            log_model(self.cfg, ckpt)
-        self.mlflow.set_tag("status", result.outcome or result.status)  # learned / collapsed / diverged / killed
-        self.mlflow.end_run(status={"killed": "KILLED", "diverged": "FAILED"}.get(result.status, "FINISHED"))
+            self.queue.put(lambda: self.client.log_artifact(self.run_id, ckpt))
+        status = result.outcome or result.status  # learned / collapsed / diverged / killed
+        self.queue.put(lambda: self.client.set_tag(self.run_id, "status", status))
+        self._end({"killed": "KILLED", "diverged": "FAILED"}.get(result.status, "FINISHED"),
+                  ckpt if result.status == "completed" else None)

@@ -44,6 +44,8 @@ class Hooks:
 
     def failed(self) -> None: ...  # the run raised (not a signal, not a divergence): record it as failed
 
+    def settle(self) -> None: ...  # wait until what was reported is recorded (MLflow writes from a thread)
+
 
 @dataclass
 class Result:
@@ -261,6 +263,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                    desc=f"{cfg.model.kind} train", unit="step", dynamic_ncols=True)
         for step in bar:
             if fault and fault[1] == step and fault[0] == "wait":
+                hooks.settle()  # a test kills the run once it waits: with everything before logged
                 wait_for_signal(stop, step)
             if stop.signum:
                 break

@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import yaml
 
+from dbfaults import cut, damage, read_only, real_db
 from gopc.errors import ConfigError, GopcError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -240,6 +241,39 @@ def sqlite_without_mlflow(tmp: Path) -> None:
     with contextlib.closing(sqlite3.connect(tmp / "mlflow.db")) as db:
         db.execute("create table notes (text)")
         db.commit()
+
+
+def _fault(path: Path, fault: str | None):
+    """`fault` done to the database at `path` (tests/dbfaults.py); returns its undo, if it has one."""
+    if fault == "read-only":
+        return read_only(path)
+    if fault == "cut":
+        cut(path)
+    elif fault == "damaged":
+        damage(path)
+    elif fault == "empty":
+        path.write_bytes(b"")
+    elif fault == "missing":
+        path.unlink()
+    return None
+
+
+def tracking_db(fault: str):
+    """Setup: ./mlflow.db, a real MLflow database, with `fault`."""
+    return lambda tmp: _fault(real_db("mlflow", tmp / "mlflow.db"), fault)
+
+
+def study_db(fault: str, resumable: bool = False):
+    """Setup: ./mlflow.db and ./optuna.db of sweep gopc2_stability (its KILLED parent run, its study), with
+    `fault` done to optuna.db; `resumable`: Tune's tuner.pkl too, as an interrupted sweep leaves it
+    (all that Tuner.can_restore reads: the rows are refused before anything reads more)."""
+    def setup(tmp: Path):
+        if resumable:
+            (tmp / "sweep_results" / "gopc2_stability").mkdir(parents=True)
+            (tmp / "sweep_results" / "gopc2_stability" / "tuner.pkl").write_bytes(b"")
+        real_db("mlflow", tmp / "mlflow.db")
+        return _fault(real_db("optuna", tmp / "optuna.db"), fault)
+    return setup
 
 
 # Tracking servers for the hang rows, held for the module: a port where nothing listens (refused at
@@ -761,6 +795,43 @@ ROWS = [
     Row("sweep-tracking-garbage-db", "--set tracking_uri=sqlite:///bad.db, bad.db holds garbage",
         sweep("--config", SWEEP_YAML, "--preset", "smoke", "--set", "tracking_uri=sqlite:///bad.db",
               files={"bad.db": b"garbage" * 100}), ("tracking_uri", "not an MLflow database")),
+    # ---- databases that are read-only, cut off or damaged (issue 22, class 3): refused before anything is written
+    Row("tracking-read-only-db", "./mlflow.db is read-only (chmod 444, its folder writable)",
+        gopc("train", "--config", "run.yaml", "--quiet", files=run_yaml(), setup=tracking_db("read-only")),
+        ("mlflow.tracking_uri", "is read-only", "chmod u+w")),
+    Row("tracking-cut-off-db", "./mlflow.db cut off after half its bytes",
+        gopc("train", "--config", "run.yaml", "--quiet", files=run_yaml(), setup=tracking_db("cut")),
+        ("mlflow.tracking_uri", "is damaged (cut off", "restore it from a backup")),
+    Row("tracking-damaged-db", "./mlflow.db with its second quarter overwritten (length unchanged)",
+        gopc("train", "--config", "run.yaml", "--quiet", files=run_yaml(), setup=tracking_db("damaged")),
+        ("mlflow.tracking_uri", "is damaged (database disk image is malformed)")),
+    Row("sweep-tracking-read-only-db", "a sweep next to a read-only ./mlflow.db",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", setup=tracking_db("read-only")),
+        ("tracking_uri", "is read-only")),
+    Row("sweep-optuna-read-only", "a new sweep next to a read-only ./optuna.db (another sweep's study in it)",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--set", "name=fresh", setup=study_db("read-only")),
+        ("optuna_storage", "is read-only", "chmod u+w")),
+    Row("sweep-optuna-garbage", "a new sweep next to an ./optuna.db that holds garbage",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", files={"optuna.db": b"garbage, not SQLite" * 100}),
+        ("optuna_storage", "not an Optuna study database")),
+    Row("resume-optuna-damaged", "`--resume` of an interrupted sweep whose ./optuna.db has its second quarter overwritten",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume", setup=study_db("damaged", resumable=True)),
+        ("optuna_storage", "is damaged (database disk image is malformed)")),
+    Row("resume-optuna-cut-off", "`--resume` of an interrupted sweep whose ./optuna.db is cut off after half its bytes",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume", setup=study_db("cut", resumable=True)),
+        ("optuna_storage", "is damaged (cut off")),
+    Row("resume-optuna-read-only", "`--resume` of an interrupted sweep whose ./optuna.db is read-only",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume", setup=study_db("read-only", resumable=True)),
+        ("optuna_storage", "is read-only")),
+    Row("resume-optuna-empty", "`--resume` of an interrupted sweep whose ./optuna.db is empty (0 bytes)",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume", setup=study_db("empty", resumable=True)),
+        ("optuna_storage", "holds no Optuna study 'gopc2_stability' to resume (the file is empty)")),
+    Row("resume-optuna-missing", "`--resume` of an interrupted sweep whose ./optuna.db has gone",
+        sweep("--config", SWEEP_YAML, "--preset", "smoke", "--resume", setup=study_db("missing", resumable=True)),
+        ("optuna_storage", "there is no", "to resume sweep 'gopc2_stability' from")),
+    Row("best-optuna-damaged", "`gopc best` next to an ./optuna.db with its second quarter overwritten",
+        gopc("best", "--sweep", "gopc2_stability", setup=study_db("damaged")),
+        ("--optuna-storage", "is damaged (database disk image is malformed)")),
     Row("start-point-switched-off", "start point sets stab.h_grad_limit while its when (stab.h_grad) is off",
         space(GATED_SPACE, start_points=[{"stab.h_grad_limit": 2.0}]),
         ("sweep.start_points[0].stab.h_grad_limit", "switched off by its when")),

@@ -247,6 +247,9 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
     check_tracking(s.mlflow_uri)
+    if kind.searched:
+        from gopc.sweep.searcher import check_study_storage
+        check_study_storage(s.study_storage, s.name, resume)
     if kind.searched and not resume:
         check_new_study(s)
     try:

@@ -22,15 +22,17 @@ values (outcome notes, grids, the study's note) is gopc/sweep/notes.py's, writte
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sqlite3
 import warnings
 
 import optuna
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
-from gopc import locks
+from gopc import dbfile, locks
 from gopc.errors import GopcError
 from gopc.sweep.notes import Notes
 from gopc.sweep.settings import study_file
@@ -39,20 +41,67 @@ TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
 ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a kill lost (see recovery.py)
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL."""
+def open_storage(url: str, read_only: bool = False) -> optuna.storages.BaseStorage:
+    """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL. An SQLite file
+    held by another writer is waited for up to GOPC_BUSY_WAIT (SQLite's busy timeout), not pysqlite's
+    5 s; `read_only` (gopc best) creates no tables, so a read-only file will do."""
     if "://" in url:
+        kwargs = {"connect_args": {"timeout": dbfile.busy_wait()}} if url.startswith("sqlite:") else {}
         with locks.creating(study_file(url)):  # a new file's tables are made once (gopc/locks.py)
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=read_only)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url))
+
+
+def check_study_storage(url: str, name: str, resume: bool, field: str = "optuna_storage") -> None:
+    """Before anything is written: the study's file can be written and is not damaged (gopc/dbfile.py, which
+    also waits for another writer), and on --resume it holds the study to continue: Optuna would create
+    its tables and a new study in an empty or missing file, and the resume would fail only after that."""
+    path = study_file(url)
+    if path is None:
+        return  # a database server: nothing here can check it without writing
+    path = os.path.abspath(path)
+    if "://" in url:
+        locks.wait_for_creation(path)
+        tables = dbfile.check(path, field, "an Optuna study database", f"point {field} elsewhere")
+        if tables and "studies" not in tables:
+            raise GopcError(f"{field}: {path} is an SQLite file but not an Optuna study database; move it away "
+                            f"or point {field} elsewhere")
+    elif os.path.exists(path) and not os.access(path, os.W_OK):  # a JournalStorage file
+        raise GopcError(f"{field}: {path} is read-only; make it writable (chmod u+w {path}), or point {field} elsewhere")
+    else:
+        tables = {"studies"} if os.path.exists(path) else None
+    if not resume:
+        return
+    if tables is None:
+        raise GopcError(f"{field}: there is no {path} to resume sweep {name!r} from; resume with the "
+                        f"optuna_storage the sweep started with")
+    if "://" in url and not _has_study(path, name):
+        raise GopcError(f"{field}: {path} holds no Optuna study {name!r} to resume"
+                        f"{' (the file is empty)' if not tables else ''}; resume with the optuna_storage the "
+                        f"sweep started with, or restore it from a backup")
+
+
+def _has_study(path: str, name: str) -> bool:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=dbfile.busy_wait())) as db:
+        try:
+            return db.execute("select 1 from studies where study_name = ?", (name,)).fetchone() is not None
+        except sqlite3.OperationalError:  # no studies table: an empty file
+            return False
 
 
 def open_study(name: str, url: str) -> optuna.Study:
     """A sweep's study, read from its storage (never created: a missing file is not made empty)."""
     try:
-        if (path := study_file(url)) and not os.path.exists(path):
-            raise KeyError(path)
-        return optuna.load_study(study_name=name, storage=open_storage(url))
+        if path := study_file(url):
+            if "://" in url:  # damaged or held: one line (gopc best only reads, so read-only will do)
+                locks.wait_for_creation(path)
+                tables = dbfile.check(path, "--optuna-storage", "an Optuna study database",
+                                      "point --optuna-storage elsewhere", write=False)
+                if not tables or "studies" not in tables:
+                    raise KeyError(path)
+            elif not os.path.exists(path):
+                raise KeyError(path)
+        return optuna.load_study(study_name=name, storage=open_storage(url, read_only=True))
     except KeyError:
         raise GopcError(f"--sweep: no sweep named {name!r} (no Optuna study named {name!r} in {url}); "
                         "check the sweep name, or pass its storage (--optuna-storage, optuna_storage)") from None
