@@ -221,12 +221,12 @@ class MlflowHooks(Hooks):
         self.mlflow.log_dict(record.to_dict(), "divergence.json")
         self.mlflow.set_tags({"diverged_step": record.step, "diverged_quantity": record.quantity})
 
-    def failed(self):
+    def failed(self, resumable: bool = False):
         if self.mlflow.active_run() is None:
             return
         try:
-            self.mlflow.set_tag("status", "errored")
-            self.mlflow.end_run(status="FAILED")
+            self.mlflow.set_tag("status", "disk full" if resumable else "errored")
+            self.mlflow.end_run(status="KILLED" if resumable else "FAILED")
         except Exception:  # noqa: BLE001: the store itself may be what failed; the error is raised anyway
             pass
 
