@@ -23,6 +23,7 @@ from test_signals import TINY
 
 from gopc.cli import main as gopc_main
 from gopc.sweep.run import main as sweep_main
+from gopc.sweep.snapshot import GOOD, whole
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
 
@@ -64,7 +65,7 @@ RUN = {**TINY, "train": {**TINY["train"], "steps": 4, "ckpt_every": 2}}
 
 
 @pytest.mark.parametrize("disk", ["1m"], indirect=True)
-def test_train_whose_disk_fills_at_a_checkpoint_stops_in_one_line_and_resumes(tmp_path, disk, monkeypatch, capsys):
+def test_train_whose_disk_fills_at_a_checkpoint_stops_in_one_line_and_resumes(tmp_path, disk, monkeypatch, capfd):
     """The disk fills right after the checkpoint of step 2: the checkpoint of step 4 finds no space. The
     run keeps the checkpoint of step 2, ends KILLED, and --resume finishes it."""
     import gopc.train as T
@@ -81,7 +82,7 @@ def test_train_whose_disk_fills_at_a_checkpoint_stops_in_one_line_and_resumes(tm
     monkeypatch.setattr(T, "save_checkpoint", save_then_fill)
     cut = disk / "cut"
     assert gopc_main(["train", "--config", "run.yaml", "--out", str(cut), "--quiet"]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert lines_of(err, "gopc") == [
         f"gopc: error: --out: no space left on device in {cut} at step 4; its checkpoint of step 2 is kept: "
         f"free space, then resume with: gopc train --resume {cut}"], err
@@ -101,7 +102,7 @@ def test_train_whose_disk_fills_at_a_checkpoint_stops_in_one_line_and_resumes(tm
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4]
 
 
-def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk, monkeypatch, capsys):
+def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk, monkeypatch, capfd):
     """The storage fills as the driver takes in the trial's first result (at step 20 of 40): the trial is
     still waiting in tune.report then, so its next checkpoint is the first write to find no space. Tune
     also cannot save that result's experiment state whole: it is ten times the size of the one it replaces
@@ -122,7 +123,7 @@ def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk,
     monkeypatch.setattr(SweepTracker, "on_trial_result", take_in_then_fill)
     try:
         assert sweep_main(args) == 2
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         command = shlex.join(["python", SWEEP_PY, *args, "--resume"])
         assert lines_of(err, "gopc2_stability") == [
             f"gopc2_stability: error: storage: no space left on device in {experiment}; sweep 'gopc2_stability' "
@@ -131,13 +132,15 @@ def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk,
         client, runs, parents = children(f"sqlite:///{tmp_path}/mlflow.db")
         assert [(p.info.status, p.data.tags["status"]) for p in parents] == [("KILLED", "disk full")]
         assert [(r.info.status, r.data.tags["status"]) for r in runs] == [("KILLED", "interrupted")]
+        state = next(experiment.glob("experiment_state-*.json"))  # what Tune.restore failed on (JSONDecodeError)
+        assert not whole(state.name, state.read_bytes()) and whole(state.name, (experiment / GOOD / state.name).read_bytes())
 
         os.remove(filler[0])  # space again; the same Ray serves the resume, as a second driver would join it
         monkeypatch.setattr(SweepTracker, "on_trial_result", take_in)
         assert sweep_main(args + ["--resume"]) == 0
     finally:
         ray.shutdown()
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert "put back the last good copy of experiment_state-" in err, err
     from ray.tune import ExperimentAnalysis
     assert [t.status for t in ExperimentAnalysis(str(experiment)).trials] == ["TERMINATED"]
