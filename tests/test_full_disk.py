@@ -152,3 +152,38 @@ def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk,
     assert sorted(steps) == [20, 40]  # each validation once (conftest checks every metric of every run)
     study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+
+
+@pytest.mark.parametrize("disk", ["64k"], indirect=True)
+def test_tune_snapshot_files_cut_short_by_the_full_disk_are_put_back_from_their_good_copies(disk):
+    """The snapshot's two kinds of file (the trial list's JSON, the pickles), each rewritten onto the full
+    disk and cut short by it: the good copy kept before stays as it was, and repair() puts it back. A file
+    cut short with no good copy is refused in one line."""
+    import json
+    import pickle
+
+    from gopc.errors import GopcError
+    from gopc.sweep.snapshot import KeepGoodCopies, repair
+    experiment = disk / "exp"
+    experiment.mkdir()
+    files = {"experiment_state-t.json": lambda n: json.dumps({"trial_data": ["x" * n]}).encode(),
+             "searcher-state-t.pkl": lambda n: pickle.dumps({"trials": "x" * n})}
+    for name, content in files.items():
+        (experiment / name).write_bytes(content(100))
+    keeper = KeepGoodCopies(str(experiment))
+    keeper.keep()
+    filler = fill(disk)
+    for name, content in files.items():  # Tune's rewrite, in place: truncated, then written until no space
+        with pytest.raises(OSError, match="No space left"), open(experiment / name, "wb") as f:
+            f.write(content(64 * 1024))
+        assert not whole(name, (experiment / name).read_bytes())
+    keeper.keep()  # a file cut short is not copied over its good copy
+    os.remove(filler)
+    assert repair(str(experiment)) == sorted(files)
+    assert {name: (experiment / name).read_bytes() for name in files} == {n: c(100) for n, c in files.items()}
+
+    (experiment / "experiment_state-t.json").write_bytes(b'{"trial_data": [')
+    (experiment / GOOD / "experiment_state-t.json").unlink()
+    with pytest.raises(GopcError, match=r"^--resume: .*experiment_state-t.json was cut short \(the disk filled") as e:
+        repair(str(experiment))
+    assert "\n" not in str(e.value)
