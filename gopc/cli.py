@@ -9,6 +9,7 @@ import sys
 import time
 
 from gopc import config as C
+from gopc.disk import DiskFull
 from gopc.errors import GopcError
 
 
@@ -114,6 +115,11 @@ def cmd_train(args) -> int:
         hooks = Hooks() if args.no_mlflow else MlflowHooks(run_cfg, run_id=run_id, uri=uri)
         try:
             result = train(run_cfg, run_dir, hooks, resume_from=resume_from, progress=not args.quiet, field=field)
+        except DiskFull as e:  # stopped, its last checkpoint kept: KILLED, as after a signal; later seeds do not start
+            hooks.failed(resumable=True)
+            then = (f"resume with: gopc train --resume {run_dir}" if e.resumable else
+                    f"start it again (remove {run_dir} first, or choose another folder)")
+            raise DiskFull(f"{e}: free space, then {then}", e.resumable) from None
         except BaseException:
             hooks.failed()  # its MLflow run ends FAILED, not RUNNING for ever
             raise

@@ -263,12 +263,13 @@ class MlflowHooks(Hooks):
         if self.queue is not None:
             self.queue.drain(dbfile.busy_wait(), quiet=True)
 
-    def failed(self):
+    def failed(self, resumable: bool = False):
+        """`resumable`: it stopped with its last checkpoint kept (a full disk): KILLED, to go on with --resume."""
         if self.queue is None:  # the run was never created
             return
-        self.queue.put(lambda: self.client.set_tag(self.run_id, "status", "errored"))
+        self.queue.put(lambda: self.client.set_tag(self.run_id, "status", "disk full" if resumable else "errored"))
         with contextlib.suppress(Exception):  # the error itself is raised anyway
-            self._end("FAILED")
+            self._end("KILLED" if resumable else "FAILED")
 
     def finished(self, result: Result):
         ckpt = os.path.join(self.run_dir, "checkpoint.pt")

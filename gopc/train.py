@@ -6,6 +6,7 @@ What a run reports goes through `Hooks`: MLflow for the CLI, `tune.report` insid
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from gopc import config as C
 from gopc import locks
 from gopc.data import build_datasets, to_float
+from gopc.disk import DiskFull, no_space, reason
 from gopc.errors import ConfigError, GopcError
 from gopc.evaluate import add_validation, evaluate, outcome, validations
 from gopc.guard import Divergence, Guard
@@ -42,7 +44,9 @@ class Hooks:
 
     def finished(self, result: "Result") -> None: ...
 
-    def failed(self) -> None: ...  # the run raised (not a signal, not a divergence): record it as failed
+    # the run raised (not a signal, not a divergence): record it as failed; `resumable`: it stopped with its
+    # last checkpoint kept (a full disk), to go on with --resume, as after a signal
+    def failed(self, resumable: bool = False) -> None: ...
 
     def settle(self) -> None: ...  # wait until what was reported is recorded (MLflow writes from a thread)
 
@@ -57,6 +61,7 @@ class Result:
     run_dir: str = ""
     signal: int = 0  # killed: the signal's number
     outcome: str = ""  # learned | degraded | collapsed (a completed run, against trivial predictions) | diverged
+    checkpoint_step: int | None = None  # the step of the last checkpoint saved (or resumed from)
 
 
 def pick_device(name: str) -> torch.device:
@@ -126,7 +131,15 @@ def save_checkpoint(path: str, step: int, model, opt, sched, guard: Guard, cfg: 
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     tmp = path + ".tmp"
-    torch.save(state, tmp)
+    try:
+        # through a Python file, so that a full disk reaches the caller as the OSError (ENOSPC) behind
+        # torch's RuntimeError, which alone does not say why the write failed
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # the space it took, and no half-written file beside the last good checkpoint
+        raise
     os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
     return path
 
@@ -190,6 +203,22 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def full_disk_ends_the_run(run_dir: str, field: str, result: Result):
+    """A write into the run folder that finds the disk full (a checkpoint, the evaluation's files) ends
+    the run as DiskFull: one line naming the folder and the checkpoint kept, instead of torch's
+    RuntimeError. The checkpoint before it is whole (save_checkpoint), so --resume goes on from there."""
+    try:
+        yield
+    except Exception as e:
+        if not no_space(e):
+            raise
+        kept = (f"its checkpoint of step {result.checkpoint_step} is kept" if result.checkpoint_step is not None
+                else "no checkpoint was saved yet")
+        raise DiskFull(f"{field}: {reason(e)} in {run_dir} at step {result.step}; {kept}",
+                       resumable=result.checkpoint_step is not None) from None
+
+
 def wait_for_signal(stop: StopOnSignal, step: int) -> None:
     """Test hook (train.inject=wait@STEP): stand still before STEP until SIGINT or SIGTERM arrives, so a
     test interrupts a run mid-way at a known step, never racing it."""
@@ -248,14 +277,15 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
         os.makedirs(run_dir, exist_ok=True)
     except OSError as e:
         raise GopcError(f"{field}: {run_dir} cannot be created ({e.strerror}); choose another folder") from None
-    # the folder is held from here on: a second run into it is refused, a signal ends this one cleanly
-    with locked(run_dir, field), StopOnSignal() as stop:
+    result = Result("completed", start, run_dir=run_dir, checkpoint_step=start if resume_from else None)
+    # the folder is held from here on: a second run into it is refused, a signal ends this one cleanly,
+    # and so does a full disk
+    with locked(run_dir, field), StopOnSignal() as stop, full_disk_ends_the_run(run_dir, field, result):
         C.save(cfg, os.path.join(run_dir, "config.yaml"))  # the file alone reproduces the run
         ckpt_path = os.path.join(run_dir, "checkpoint.pt")
-        last_ckpt, ckpt_step = resume_from, start if resume_from else None
+        last_ckpt = resume_from
         hooks.started(cfg, run_dir, n_params(model))
         fault = C.parse_inject(t_cfg.inject, t_cfg.seed)
-        result = Result("completed", start, run_dir=run_dir)
         history = validations(os.path.dirname(resume_from), start) if resume_from else []  # the peak: `degraded`
         last_finite: dict = {}
 
@@ -305,7 +335,7 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
             saved = None
             if (step + 1) % t_cfg.ckpt_every == 0 or step + 1 == t_cfg.steps:
                 saved = last_ckpt = save_checkpoint(ckpt_path, step + 1, model, opt, sched, guard, cfg)
-                ckpt_step = step + 1
+                result.checkpoint_step = step + 1
             if (step + 1) % t_cfg.log_every == 0 or saved or step == 0:
                 # .item() syncs: on log steps only
                 metrics = {"loss": result.losses[-1], "recon": parts["recon"].item(), "kl": parts["kl"].item(),
@@ -321,8 +351,9 @@ def train(cfg: C.Config, run_dir: str, hooks: Hooks | None = None, resume_from: 
                 hooks.evaluated(step + 1, metrics, images)
         bar.close()
         if stop.signum:  # a signal: checkpoint where the run stands and end it as killed; --resume goes on
-            if ckpt_step != result.step:
+            if result.checkpoint_step != result.step:
                 save_checkpoint(ckpt_path, result.step, model, opt, sched, guard, cfg)
+                result.checkpoint_step = result.step
             result.status, result.signal = "killed", stop.signum
             hooks.finished(result)
             return result

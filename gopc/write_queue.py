@@ -36,16 +36,21 @@ class WriteQueue:
             return len(self._ops)
 
     def drain(self, wait: float, quiet: bool = False) -> bool:
-        """Wait up to `wait` seconds for every write to be made (a line says so if it must wait)."""
+        """Wait up to `wait` seconds for every write to be made. A line says so only when it must wait: the
+        writes are failing, or still not made after a moment (a healthy database takes milliseconds, and a
+        line at every run's end would only be noise)."""
         with self._cv:
             if not self._ops:
                 return True
-            if not quiet:
-                print(f"gopc: waiting up to {wait:g} s for MLflow at {self.where} to log {len(self._ops)} queued "
-                      f"write(s)", file=sys.stderr, flush=True)
             self._hurry, self._nudges = True, self._nudges + 1
             self._cv.notify_all()
-            done = self._cv.wait_for(lambda: not self._ops, timeout=wait)
+            moment = 0.0 if self.trouble else min(2.0, wait)
+            done = self._cv.wait_for(lambda: not self._ops, timeout=moment)
+            if not done:
+                if not quiet:
+                    print(f"gopc: waiting up to {wait:g} s for MLflow at {self.where} to log {len(self._ops)} queued "
+                          f"write(s)", file=sys.stderr, flush=True)
+                done = self._cv.wait_for(lambda: not self._ops, timeout=wait - moment)
             self._hurry = False
             return done
 

@@ -12,6 +12,7 @@ import sqlite3
 import threading
 
 import mlflow
+import ray
 import torch
 import yaml
 
@@ -198,6 +199,7 @@ def test_a_damaged_optuna_db_stops_resume_in_one_line_and_the_restored_one_resum
             assert main(argv) == 0, err.getvalue()
     finally:
         writer.release()
+        ray.shutdown()  # the driver ran in this process: the next test's ray.init must find no Ray
     assert err.seen.is_set()
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp = client.get_experiment_by_name(SWEEP)

@@ -231,7 +231,7 @@ def test_a_busy_tracking_database_is_named_busy_not_foreign(tmp_path, monkeypatc
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("create table experiments (id integer)")
     holder.execute("begin exclusive")
-    monkeypatch.setattr(tracking, "BUSY_WAIT", 0.2)
+    monkeypatch.setenv("GOPC_BUSY_WAIT", "0.2")
     try:
         with pytest.raises(ConfigError, match=r"^mlflow.tracking_uri: .*mlflow.db is held by another writer \(database "
                                               r"is locked for over 0.2 s\); let that process finish or stop it"):

@@ -75,11 +75,18 @@ def reset() -> None:
     _forwarded = False
 
 
+def stop_tune() -> None:
+    """Tune's graceful stop (its SIGUSR1 handler), once, from a Tune callback (the main thread): for the
+    first signal, and for a full disk (gopc/sweep/full_disk.py)."""
+    global _forwarded
+    if not _forwarded:
+        _forwarded = True
+        signal.raise_signal(signal.SIGUSR1)
+
+
 class StopOnSignal(tune.Callback):
-    """Hands the driver's first signal to Tune's graceful stop (its SIGUSR1 handler) at the next step."""
+    """Hands the driver's first signal to Tune's graceful stop at the next step."""
 
     def on_step_begin(self, iteration, trials, **info):
-        global _forwarded
-        if _received and not _forwarded:
-            _forwarded = True
-            signal.raise_signal(signal.SIGUSR1)
+        if _received:
+            stop_tune()

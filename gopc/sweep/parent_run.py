@@ -83,11 +83,12 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
     return run.info.run_id
 
 
-def kill_parent(uri: str, parent: str) -> None:
-    """An interrupted experiment's parent: KILLED, its status tag `interrupted`; --resume sets it RUNNING."""
+def kill_parent(uri: str, parent: str, status: str = "interrupted") -> None:
+    """A stopped experiment's parent: KILLED, its status tag `interrupted` (a signal) or `disk full`;
+    --resume sets it RUNNING."""
     try:
         client = mlflow.MlflowClient(uri)
-        client.set_tag(parent, "status", "interrupted")
+        client.set_tag(parent, "status", status)
         client.set_terminated(parent, "KILLED")
     except Exception as e:  # noqa: BLE001: the stop goes on; --resume marks the parent again
         print(f"MLflow at {uri} unreachable ({type(e).__name__}); the parent run is still marked RUNNING",

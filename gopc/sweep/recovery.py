@@ -28,9 +28,9 @@ from ray.tune.experiment.trial import Trial
 
 from gopc.errors import GopcError
 from gopc.sweep.searcher import ORPHANS, TUNE_ID, DivergenceAwareOptunaSearch
+from gopc.sweep.snapshot import GOOD, SNAPSHOT
 from gopc.sweep.tracking import load_pending, save_pending
 
-SNAPSHOT = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl")
 FINISHED = (Trial.TERMINATED, Trial.ERROR)  # Tune reports neither to the searcher again after a restore
 
 
@@ -84,7 +84,7 @@ def _discard(filesystem, folder: str, names: list[str], trials: list[Trial], sea
         raise GopcError(f"--resume: the snapshot in {folder} lacks {missing} yet records finished trials "
                         f"({', '.join(sorted(set(done)))}); put the file back, or continue under another name with --set name=NEW")
     for name in names:
-        if name.startswith("run_trial_"):
+        if name.startswith("run_trial_") or name == GOOD:  # GOOD: copies of the snapshot discarded here
             filesystem.delete_dir(f"{folder}/{name}")
         elif any(fnmatch.fnmatch(name, p) for p in SNAPSHOT + ("tuner.pkl",)):
             filesystem.delete_file(f"{folder}/{name}")

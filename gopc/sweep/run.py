@@ -30,8 +30,9 @@ os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
 from gopc import config as C
 from gopc import locks
+from gopc.disk import DiskFull, no_space, reason
 from gopc.errors import ConfigError, GopcError
-from gopc.sweep import interrupt
+from gopc.sweep import full_disk, interrupt
 from gopc.sweep import settings as S
 
 
@@ -190,6 +191,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
     from ray import tune
 
     from gopc.sweep.notes import LastGrids
+    from gopc.sweep.snapshot import KeepGoodCopies
     from gopc.sweep.tracking import SweepTracker
 
     steps = C.from_dict(s.base).train.steps
@@ -204,8 +206,9 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[interrupt.StopOnSignal(), LastGrids()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
-                                                                  pending_path(s))] if tracked else [])),
+            callbacks=[interrupt.StopOnSignal(), full_disk.StopOnFullDisk(), KeepGoodCopies(s.experiment_path),
+                       LastGrids()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
+                                                     pending_path(s))] if tracked else [])),
     )
 
 
@@ -235,6 +238,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     Interrupted after a SIGINT or SIGTERM, the experiment's state saved and its runs marked."""
     from ray import tune
 
+    from gopc.sweep import snapshot
     from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
     from gopc.sweep.parent_run import kill_parent, start_parent
     from gopc.tracking import create_store
@@ -262,25 +266,44 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     check_resources(s)
     if sig := interrupt.received():  # before anything was written: the same command starts it
         raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped before it started; nothing was written")
+    if resume and (put_back := snapshot.repair(s.experiment_path)):  # before anything reads the snapshot
+        print(f"put back the last good copy of {', '.join(put_back)}, cut short when the disk filled", file=sys.stderr)
     create_store(s.mlflow_uri)
     parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, resume, kind.parent_params(s), raw_yaml,
                           saved_view(s, kind))
-    if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-        repair = align_snapshot(s.experiment_path, make_searcher(s, [])) if kind.searched else Repair()
-        if repair.changed:
-            print(repair, file=sys.stderr)
-            forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
-        tuner = build_tuner(s, parent, kind) if repair.restart else tune.Tuner.restore(
-            s.experiment_path, trainable=make_trainable(s, kind), resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = build_tuner(s, parent, kind)
-    results = tuner.fit()
-    if sig := interrupt.received():  # Tune saved its state; no summary or verdict of an incomplete run
-        kill_parent(s.mlflow_uri, parent)
-        done = sum(bool((r.metrics or {}).get("done")) or r.error is not None for r in results)
-        raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped with {done} of {kind.n_trials(s)} trials "
-                               f"finished; state saved, resume with: {resume_command}")
-    return kind.summarise(s, results, parent) + [parent]
+    full_disk.reset()
+    full_disk.quiet_tune()
+    results = None
+    try:
+        if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
+            repair = align_snapshot(s.experiment_path, make_searcher(s, [])) if kind.searched else Repair()
+            if repair.changed:
+                print(repair, file=sys.stderr)
+                forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
+            tuner = build_tuner(s, parent, kind) if repair.restart else tune.Tuner.restore(
+                s.experiment_path, trainable=make_trainable(s, kind), resume_unfinished=True, resume_errored=False)
+        else:
+            tuner = build_tuner(s, parent, kind)
+        results = tuner.fit()
+        if sig := interrupt.received():  # Tune saved its state; no summary or verdict of an incomplete run
+            kill_parent(s.mlflow_uri, parent)
+            raise Interrupted(sig, f"{_name(sig)}: {kind.noun} {s.name!r} stopped with {_done(results)} of "
+                                   f"{kind.n_trials(s)} trials finished; state saved, resume with: {resume_command}")
+        if full_disk.reported():  # a trial found the storage full; Tune stopped as for a signal
+            raise DiskFull(f"trial(s) {', '.join(full_disk.reported())} found the disk full")
+        return kind.summarise(s, results, parent) + [parent]
+    except Exception as e:  # the trials' full disk, or the driver's own (Tune's files, the summary)
+        if not no_space(e):
+            raise
+        kill_parent(s.mlflow_uri, parent, "disk full")
+        finished = f" with {_done(results)} of {kind.n_trials(s)} trials finished" if results is not None else ""
+        raise DiskFull(f"storage: {reason(e)} in {s.experiment_path}; {kind.noun} {s.name!r} stopped{finished}, "
+                       f"its last good state kept: free space, then resume with: {resume_command}") from None
+
+
+def _done(results) -> int:
+    """Trials that finished (completed, stopped early or errored) in Tune's results."""
+    return sum(bool((r.metrics or {}).get("done")) or r.error is not None for r in results)
 
 
 def _name(signum: int) -> str:

@@ -18,7 +18,9 @@ import shutil
 import torch
 from ray import tune
 
+from gopc.disk import no_space
 from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, outcome, validations
+from gopc.sweep import full_disk
 from gopc.sweep.space import trial_config
 from gopc.train import Hooks, train
 
@@ -96,14 +98,22 @@ def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_eve
     resources = tune.get_context().get_trial_resources().required_resources
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     run_dir = os.path.join(tune.get_context().get_trial_dir(), "run")
+    try:
+        _run(cfg, run_dir, hooks_class(metric, penalty, run_dir, t.learned_margin, window), report_every, test)
+    except Exception as e:  # its checkpoint, or Tune's copy of it into the storage, found the disk full
+        if not no_space(e):
+            raise
+        full_disk.stand_still(tune.get_context().get_trial_id())  # until the driver stops the sweep
+
+
+def _run(cfg, run_dir: str, hooks: TuneHooks, report_every: int, test: bool) -> None:
     resume_from = None
     if (restored := tune.get_checkpoint()) is not None:
         shutil.rmtree(run_dir, ignore_errors=True)
         restored.to_directory(run_dir)
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
-    hooks = hooks_class(metric, penalty, run_dir, t.learned_margin, window)
-    hooks.schedule(t, report_every)
+    hooks.schedule(cfg.train, report_every)
     # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
     result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False, field="storage")
     if test and result.status == "completed":
