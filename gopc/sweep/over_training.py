@@ -45,11 +45,13 @@ def summarise(seeds: list[dict]) -> dict:
 def survival_axes(ax, v: dict, s) -> None:
     """Seeds still finite at each training step, per arm, with the survival tests' words."""
     steps = C.from_dict(s.base).train.steps
-    for name, a in v["arms"].items():
+    for k, (name, a) in enumerate(v["arms"].items()):
         died = sorted(int(x) for x in a["diverged"].values() if x is not None)
         xs = [0] + died + [steps]
         alive = [len(a["seeds"]) - len(a["errored"]) - i for i in range(len(died) + 1)]
-        ax.step(xs, alive + alive[-1:], where="post", label=f"{name}: {a['survived']} of {len(a['seeds'])} survived")
+        lift = 0.05 * k  # arms with the same counts would hide each other's line
+        ax.step(xs, [n + lift for n in alive + alive[-1:]], where="post",
+                label=f"{name}: {a['survived']} of {len(a['seeds'])} survived")
     tests = [f"{x['a']} vs {x['b']}: {x['word']} (Holm p {x['p_holm']:.2g})" for x in v["survival"]]
     ax.set(xlabel="training step", ylabel="seeds still finite", ylim=(-0.2, len(s.seeds) + 0.5),
            title="survival over training" + ("\n" + "; ".join(tests[:3]) if tests else ""))
