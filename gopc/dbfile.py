@@ -11,6 +11,7 @@ import os
 import sqlite3
 import sys
 
+from gopc import locks
 from gopc.errors import ConfigError
 
 HEADER = b"SQLite format 3\x00"
@@ -69,6 +70,7 @@ def check(path: str, field: str, what: str, fix: str, write: bool = True) -> set
     (empty for a 0-byte file, which SQLite takes as an empty database), or None when there is no file.
     `what`: what the file should be ('an MLflow database'); `fix`: the end of every refusal ('point
     mlflow.tracking_uri elsewhere'). `write=False` (gopc best) accepts a read-only file."""
+    locks.wait_for_creation(path)  # a file another run is creating right now is never read half-made
     if not os.path.exists(path):
         return None
     if os.path.isdir(path):

@@ -47,7 +47,6 @@ def check_tracking(uri: str, field: str, run_id: str | None = None, write: bool 
                               f"set mlflow.tracking_uri to where the run was logged, or resume with --no-mlflow")
         if write and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
             raise ConfigError(f"{field}: the folder of {path} is missing or not writable; create it or fix {field}")
-        locks.wait_for_creation(path)
         # read-only, cut off, damaged or held by another writer: MLflow itself would try to create its
         # tables in any file it is given, and fail in a traceback once the run folder exists
         tables = dbfile.check(path, field, "an MLflow database", f"point {field} elsewhere", write=write)

@@ -61,7 +61,6 @@ def check_study_storage(url: str, name: str, resume: bool, field: str = "optuna_
         return  # a database server: nothing here can check it without writing
     path = os.path.abspath(path)
     if "://" in url:
-        locks.wait_for_creation(path)
         tables = dbfile.check(path, field, "an Optuna study database", f"point {field} elsewhere")
         if tables and "studies" not in tables:
             raise GopcError(f"{field}: {path} is an SQLite file but not an Optuna study database; move it away "
@@ -94,7 +93,6 @@ def open_study(name: str, url: str) -> optuna.Study:
     try:
         if path := study_file(url):
             if "://" in url:  # damaged or held: one line (gopc best only reads, so read-only will do)
-                locks.wait_for_creation(path)
                 tables = dbfile.check(path, "--optuna-storage", "an Optuna study database",
                                       "point --optuna-storage elsewhere", write=False)
                 if not tables or "studies" not in tables:
