@@ -15,9 +15,9 @@ def checkout_files() -> set[str]:
     return set(os.listdir(ROOT)) | {os.path.join(d, f) for d, _, fs in os.walk(os.path.join(ROOT, "mlruns")) for f in fs}
 
 
-def run_bench(script: str, timeout: float = 120) -> str:
+def run_bench(script: str, timeout: float = 120, args=()) -> str:
     before = checkout_files()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), "--smoke", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert checkout_files() == before, checkout_files() ^ before  # run from the checkout, it leaves nothing there
@@ -88,3 +88,28 @@ def test_packing_prints_a_row_per_pack_with_each_trials_peak_memory():
         cells = row.split()
         assert cells[1] == "-" and float(cells[2]) > 0 and 50 < float(cells[5]) < 20_000 and cells[6] == "0", row
     assert re.search(r"^best: [\d.]+ sequences/s in total with [12] trial\(s\) \(the target of 1,500 is for an H100\)$", out, re.M)
+
+
+def test_scale_runs_every_trial_through_the_service_and_prints_its_costs_per_n():
+    out = run_bench("scale.py", timeout=900)  # N = 6 and 12 trials of 1 s, 4 at once, through both loops
+    assert re.search(r"^\s+N\s+ideal s\s+bare s\s+/ideal\s+service s\s+/ideal\s+svc/bare\s+over s/trial", out, re.M)
+    for n in (6, 12):
+        (row,) = [line for line in out.splitlines() if line.split()[:1] == [str(n)]]
+        c = row.split()
+        ideal, bare, service = float(c[1]), float(c[2]), float(c[4])
+        assert ideal == n * 1.0 / 4 and bare >= ideal and service >= ideal, row
+        ask_p50, tell_p50 = (float(x.split("/")[0]) for x in (c[9], c[10]))
+        assert ask_p50 > 0 and tell_p50 > 0 and float(c[11]) > 0, row  # asked, told and logged for every trial
+        assert float(c[13]) > 0 and float(c[14]) > 0, row  # optuna.db and mlflow.db
+        assert int(c[16]) == n, row  # every trial's MLflow run ended with its outcome
+        assert float(c[17]) >= 0 and float(c[18]) > 0, row  # the saved view's query and gopc best, timed
+
+
+@pytest.mark.cluster
+def test_placement_packs_four_trials_on_each_logical_gpu_and_never_five():
+    # 2 logical nodes of 1 GPU and 8 CPUs (ray.cluster_utils.Cluster), 12 trials at resources.gpu=0.25
+    out = run_bench("scale.py", timeout=900, args=["--placement"])
+    assert "trials that ran: 12, on 2 nodes;" in out, out
+    assert re.search(r"the logical GPUs they were given: \['0'\] \(2 node x GPU\)", out), out
+    assert len(re.findall(r"^node \w+: at most 4 trials on its GPU at once$", out, re.M)) == 2, out
+    assert "most trials on one GPU at once: 4 (configured: 4); fewest at a node's fullest: 4" in out, out

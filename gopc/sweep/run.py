@@ -49,6 +49,7 @@ class Kind:
     searched: bool  # Tune's snapshot holds an Optuna searcher, which --resume aligns with the trial list
     test: bool = False  # trials are evaluated on the test split at the end (a study's verdict)
     noun: str = "sweep"  # what the user calls it
+    hooks: type | None = None  # the trials' TuneHooks subclass (None: TuneHooks); bench/scale.py's waits
 
 
 def parse_args(argv, default_config: str, kind: "Kind"):
@@ -134,7 +135,8 @@ def make_trainable(s: S.Common, kind: Kind, hooks_class=None):
     from gopc.sweep.trainable import TuneHooks, run_trial
     return tune.with_resources(
         tune.with_parameters(run_trial, bases=s.bases, metric=s.metric, penalty=s.penalty,
-                             report_every=s.report_every, test=kind.test, hooks_class=hooks_class or TuneHooks,
+                             report_every=s.report_every, test=kind.test,
+                             hooks_class=hooks_class or kind.hooks or TuneHooks,
                              window=getattr(s, "objective_window", 1)),
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 

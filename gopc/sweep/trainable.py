@@ -83,6 +83,12 @@ class TuneHooks(Hooks):
                      "diverged_frame": -1 if record.frame is None else record.frame,
                      "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
 
+    def train(self, cfg, run_dir: str, resume_from: str | None):
+        """The trial's training: gopc/train.py's loop, reporting through these hooks. bench/scale.py's
+        subclass waits instead, to measure what the service costs around the training."""
+        # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
+        return train(cfg, run_dir, self, resume_from=resume_from, progress=False, field="storage")
+
     def report(self, metrics, with_checkpoint):
         """Tells Tune; with the run folder as the checkpoint when it holds a new one (or must: the end)."""
         self.checkpoint, self.last_report = None, metrics
@@ -114,8 +120,7 @@ def _run(cfg, run_dir: str, hooks: TuneHooks, report_every: int, test: bool) -> 
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
     hooks.schedule(cfg.train, report_every)
-    # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
-    result = train(cfg, run_dir, hooks, resume_from=resume_from, progress=False, field="storage")
+    result = hooks.train(cfg, run_dir, resume_from)
     if test and result.status == "completed":
         metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))
         hooks.report({**hooks.last_report, **{f"test/{k}": v for k, v in metrics.items()}}, with_checkpoint=True)
