@@ -4,7 +4,7 @@ Tune's own release test "bookkeeping overhead" runs them (trials that wait, many
 
     python bench/scale.py                       # N = 100, 300, 1000: trials of 5 s reporting 3 times, 16 at once
     python bench/scale.py --n 100,300,1000,3000
-    python bench/scale.py --smoke               # N = 6 and 12 trials of 1 s (what the tests run)
+    python bench/scale.py --smoke               # N = 8 trials of 1 s, 4 at once (what the tests run)
     python bench/scale.py --placement           # 8 logical 1-GPU nodes, resources.gpu 0.25, 64 trials
     python bench/scale.py --placement --smoke   # 2 nodes, 12 trials
 
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
         a.seconds = 2.0 if a.smoke else a.seconds
         return placement(a)
     if a.smoke:
-        a.n, a.seconds, a.concurrency = "6,12", 1.0, 4
+        a.n, a.seconds, a.concurrency = "8", 1.0, 4
     a.ns = [int(x) for x in str(a.n).split(",")]
     return scale(a)
 
