@@ -157,6 +157,33 @@ def test_a_study_gives_survivors_intervals_words_and_one_mlflow_run_per_arm_and_
     assert {"verdict.json", "report.md"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
+def test_a_seed_that_errored_before_it_reported_is_named_and_left_out_of_survival(tmp_path, monkeypatch, capsys):
+    """A trial that raises at its first step has no result (Tune gives no config with it): the verdict finds
+    its arm and seed in the trial list, lists it as errored, and counts survival over the other seeds."""
+    monkeypatch.chdir(tmp_path)
+    broken = {"name": "vae1", "set": {"model.kind": "vae1", "train.inject": "raise@0,seed=1"}}
+    path = write_study(tmp_path, [ARMS[0], broken], max_failures=0)
+    try:
+        assert study_main(["--config", path]) == 0
+    finally:
+        ray.shutdown()
+    v = json.loads((tmp_path / "sweep_results" / "tiny_study" / "verdict" / "verdict.json").read_text())
+    b = v["arms"]["vae1"]
+    assert b["seeds"] == [0, 1] and b["errored"] == [1] and b["survived"] == 1 and b["diverged"] == {}
+    (alive,) = v["survival"]
+    assert (alive["b_survived"], alive["b_n"]) == (1, 1)  # the errored seed is neither a survivor nor a divergence
+    assert "vae1         vae1     1 of 2" in capsys.readouterr().out
+    # read back as --resume reads a finished study: Tune's record of the raised trial has no config
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from gopc.sweep.study import load
+    from gopc.sweep.verdict import collect
+    grid = ResultGrid(ExperimentAnalysis(str(tmp_path / "sweep_results" / "tiny_study")))
+    assert sum(r.config is None for r in grid) == 1
+    runs = collect(load(path), grid)
+    assert [(x["seed"], x["status"]) for x in runs["vae1"]] == [(0, runs["vae1"][0]["status"]), (1, "errored")]
+
+
 def test_a_study_whose_arms_differ_in_data_or_budget_is_refused_and_writes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     arms = ARMS + [{"name": "big", "set": {"model.kind": "gopc1", "data.frame_size": 64}}]

@@ -135,13 +135,24 @@ def collect(s, results) -> dict[str, list[dict]]:
     from gopc.sweep.searcher import trial_status
     steps = C.from_dict(s.base).train.steps
     runs = defaultdict(list)
-    for r in results:
+    for r, config in zip(results, trial_configs(results)):
         m = r.metrics or {}
-        runs[r.config["arm"]].append({
-            "seed": r.config["train.seed"], "status": trial_status(m, r.error is not None, steps),
+        runs[config["arm"]].append({
+            "seed": config["train.seed"], "status": trial_status(m, r.error is not None, steps),
             "diverged_step": m.get("diverged_step"), "checkpoint": r.checkpoint, "curve": curve(r),
             "test": {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}})
     return {arm: sorted(runs[arm], key=lambda x: x["seed"]) for arm in s.arm_configs}
+
+
+def trial_configs(results) -> list[dict]:
+    """Each result's trial config. Tune's result of a trial that errored before it reported has none; the
+    experiment's trial list has every trial's."""
+    configs = [r.config for r in results]
+    if any(c is None for c in configs):
+        from ray.tune import ExperimentAnalysis
+        by_path = {t.path: t.config for t in ExperimentAnalysis(results.experiment_path).trials}
+        configs = [c if c is not None else by_path[r.path] for r, c in zip(results, configs)]
+    return configs
 
 
 def seed_outcome(x: dict, margin: float) -> str:
@@ -166,7 +177,7 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
             "survived": len(alive), "survivors": [x["seed"] for x in alive],
             "diverged": {str(x["seed"]): x["diverged_step"] for x in seeds if x["status"] == "diverged"},
             "errored": [x["seed"] for x in seeds if x["status"] == "errored"],
-            "outcome": ("diverged" if not alive else "learned" if learned == len(alive) else
+            "outcome": ("errored" if all(x["status"] == "errored" for x in seeds) else "diverged" if not alive else "learned" if learned == len(alive) else
                         "degraded" if degraded == len(alive) else "collapsed" if learned + degraded == 0 else
                         f"mixed ({learned} of {len(alive)} learned" + (f", {degraded} degraded)" if degraded else ")")),
             "training": summarise(seeds),
