@@ -5,7 +5,7 @@ Tune's own release test "bookkeeping overhead" runs them (trials that wait, many
     python bench/scale.py                       # N = 100, 300, 1000: trials of 5 s reporting 3 times, 16 at once
     python bench/scale.py --n 100,300,1000,3000
     python bench/scale.py --smoke               # N = 8 trials of 1 s, 4 at once (what the tests run)
-    python bench/scale.py --placement           # 8 logical 1-GPU nodes, resources.gpu 0.25, 64 trials
+    python bench/scale.py --placement           # 8 logical gpu_worker nodes (cluster/gpu.yaml), the sweep's resources, 64 trials
     python bench/scale.py --placement --smoke   # 2 nodes, 12 trials
 
 - bare: a function trainable that sleeps its length and reports `--reports` times (Ray's `timed_tune_run`),
@@ -173,20 +173,20 @@ def timed_fit(fit) -> float:
     return time.perf_counter() - t0
 
 
-def service_settings(a, folder: str, gpu: float = 0):
+def service_settings(a, folder: str, resources: list[str]):
     from common import sweep_settings
     steps = 10 * a.reports
     return sweep_settings(folder, "scale", "smoke", [
         f"num_samples={a.n}", f"max_concurrent={a.concurrency}", f"report_every={steps // a.reports}",
-        f"base.train.steps={steps}", "resources.cpu=1", f"resources.gpu={gpu}", "base.train.device=cpu", *BASE])
+        f"base.train.steps={steps}", *resources, "base.train.device=cpu", *BASE])
 
 
-def measure_service(a, folder: str, gpu: float = 0, placement_log: str = "") -> dict:
+def measure_service(a, folder: str, resources=("resources.cpu=1", "resources.gpu=0"), placement_log: str = "") -> dict:
     import mlflow
 
     from gopc.sweep import run as R
     from gopc.sweep.searcher import DivergenceAwareOptunaSearch
-    s = service_settings(a, folder, gpu)
+    s = service_settings(a, folder, list(resources))
     template = make_template(os.path.join(folder, "template"), s)
     kind = dataclasses.replace(R.SWEEP, hooks=waiting_hooks(a.seconds, template, placement_log))
     timed = Timed()
@@ -204,7 +204,7 @@ def measure_service(a, folder: str, gpu: float = 0, placement_log: str = "") -> 
     m = {"fit": wall, "driver_cpu": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
          "ask": timed.calls.get("ask", []), "tell": timed.calls.get("tell", []),
          "mlflow": timed.calls.get("mlflow", []), **size}
-    return {**m, **what_users_see(s, folder)}
+    return {**m, **what_users_see(s, folder), "cpu": s.resources.cpu, "gpu": s.resources.gpu}
 
 
 def what_users_see(s, folder: str) -> dict:
@@ -310,8 +310,8 @@ def plot(rows, a) -> None:
 
 class PlacementWatch(threading.Thread):
     """How many trials each node's GPU holds at once, as Ray's scheduler placed them: Tune gives each trial
-    a placement group ({CPU: 1, GPU: 0.25} here), and the GCS's table says on which node each one is
-    created. Sampled every 0.1 s while the sweep runs."""
+    a placement group (its `resources`), and the GCS's table says on which node each one is created.
+    Sampled every 0.1 s while the sweep runs."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -320,31 +320,37 @@ class PlacementWatch(threading.Thread):
     def run(self):
         from ray.util import placement_group_table
         while not self.stop.wait(0.1):
-            held: dict[str, float] = {}
+            held: dict[str, int] = {}  # node -> trials holding a share of its GPU
             for pg in placement_group_table().values():
                 if pg["state"] == "CREATED":
                     for i, bundle in pg["bundles"].items():
-                        node = pg["bundles_to_node_id"][i]
-                        held[node] = held.get(node, 0) + bundle.get("GPU", 0)
-            for node, gpus in held.items():
-                self.most[node] = max(self.most.get(node, 0), round(gpus / 0.25))
+                        if bundle.get("GPU", 0) > 0:
+                            node = pg["bundles_to_node_id"][i]
+                            held[node] = held.get(node, 0) + 1
+            for node, k in held.items():
+                self.most[node] = max(self.most.get(node, 0), k)
 
 
 def placement(a) -> int:
-    """`nodes` logical nodes of 1 GPU (and more CPUs than 4 trials need, so the GPU is what binds), trials
-    at resources.gpu=0.25, more of them than fit at once."""
+    """As configured: `nodes` logical nodes of cluster/gpu.yaml's gpu_worker shape, trials asking for the
+    sweep's own `resources` (sweeps/gopc2_stability.yaml), more trials than fit at once."""
     import ray
+    import yaml
     from ray.cluster_utils import Cluster
     sys.path.insert(0, HERE)
+    with open(os.path.join(ROOT, "cluster", "gpu.yaml")) as f:
+        node = yaml.safe_load(f)["available_node_types"]["gpu_worker"]["resources"]
+    with open(os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")) as f:  # the full preset's, not smoke's
+        trial = yaml.safe_load(f)["resources"]
     with tempfile.TemporaryDirectory(prefix="gopc_placement_") as folder, contextlib.chdir(folder):
         cluster = Cluster(initialize_head=True, connect=True, head_node_args={"num_cpus": 0})
         for _ in range(a.nodes):
-            cluster.add_node(num_cpus=8, num_gpus=1)
+            cluster.add_node(num_cpus=node["CPU"], num_gpus=node["GPU"])
         cluster.wait_for_nodes()
         log, watch = os.path.join(folder, "placement.jsonl"), PlacementWatch()
         watch.start()
         try:
-            measure_service(a, folder, gpu=0.25, placement_log=log)
+            s = measure_service(a, folder, resources=[f"resources.{k}={v}" for k, v in trial.items()], placement_log=log)
         finally:
             watch.stop.set()
             watch.join()
@@ -352,14 +358,15 @@ def placement(a) -> int:
             cluster.shutdown()
         with open(log) as f:
             records = [json.loads(line) for line in f]
-    print(f"date: {datetime.date.today()}   {a.nodes} logical nodes x 1 GPU (8 CPUs each), resources.gpu=0.25, "
+    print(f"date: {datetime.date.today()}   {a.nodes} logical nodes of cluster/gpu.yaml's gpu_worker ({node['CPU']} CPUs, "
+          f"{node['GPU']} GPU), trials asking for the sweep's resources (cpu {s['cpu']:g}, gpu {s['gpu']:g}), "
           f"{a.n} trials of {a.seconds:g} s, up to {a.concurrency} at once")
     gpus = {(r["node"], tuple(r["gpus"])) for r in records}
     print(f"trials that ran: {len(records)}, on {len({r['node'] for r in records})} nodes; "
           f"the logical GPUs they were given: {sorted({g for r in records for g in r['gpus']})} ({len(gpus)} node x GPU)")
     for node, k in sorted(watch.most.items()):
         print(f"node {node[:8]}: at most {k} trials on its GPU at once")
-    print(f"most trials on one GPU at once: {max(watch.most.values(), default=0)} (configured: 4); "
+    print(f"most trials on one GPU at once: {max(watch.most.values(), default=0)} (configured: {1 / s['gpu']:g}); "
           f"fewest at a node's fullest: {min(watch.most.values(), default=0)}")
     return 0
 

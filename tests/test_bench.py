@@ -107,7 +107,8 @@ def test_scale_runs_every_trial_through_the_service_and_prints_its_costs_per_n()
 
 @pytest.mark.cluster
 def test_placement_packs_four_trials_on_each_logical_gpu_and_never_five():
-    # 2 logical nodes of 1 GPU and 8 CPUs (ray.cluster_utils.Cluster), 12 trials at resources.gpu=0.25
+    # 2 logical nodes shaped as cluster/gpu.yaml's gpu_worker (ray.cluster_utils.Cluster), 12 trials asking for
+    # the sweep's own resources (cpu 1, gpu 0.25)
     out = run_bench("scale.py", timeout=900, args=["--placement"])
     assert "trials that ran: 12, on 2 nodes;" in out, out
     assert re.search(r"the logical GPUs they were given: \['0'\] \(2 node x GPU\)", out), out

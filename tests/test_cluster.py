@@ -74,6 +74,16 @@ def _derived(tmp_path) -> dict:
                                mlflow_port=15000, storage_path=str(tmp_path / "shared"))
 
 
+@pytest.mark.parametrize("settings", ["gopc2_stability.yaml", "gopc2_study.yaml"])
+def test_a_gpu_worker_holds_as_many_trials_as_the_settings_share_its_gpu_between(settings):
+    """The full presets' `resources` against cluster/gpu.yaml's gpu_worker: the GPU share, not the CPUs,
+    decides how many trials a node runs (it once asked for 2 of a node's 4 CPUs: 2 trials, not 4)."""
+    node = _load(GPU_YAML)["available_node_types"]["gpu_worker"]["resources"]
+    trial = _load(REPO_ROOT / "sweeps" / settings)["resources"]
+    by_gpu, by_cpu = node["GPU"] / trial["gpu"], node["CPU"] / trial["cpu"]
+    assert by_gpu == 4 and by_cpu >= by_gpu, (node, trial)
+
+
 def test_derived_local_yaml_validates(tmp_path):
     cfg = _derived(tmp_path)
     prepared = validate_cluster_config(cfg)
