@@ -170,3 +170,34 @@ def test_a_snapshot_with_finished_trials_and_no_searcher_is_refused_and_kept(db,
     with pytest.raises(GopcError, match="--set name=NEW"):
         align_snapshot(str(tmp_path), searcher(db))
     assert sorted(os.listdir(tmp_path)) == ["experiment_state-2026-01-01_00-00-00.json", "optuna.db"]
+
+
+class _Loud:
+    """Writes a file when unpickled: whole() must read a snapshot without running any of it."""
+    def __init__(self, path):
+        self.path = path
+
+    def __setstate__(self, state):
+        with open(state["path"], "w") as f:
+            f.write("ran")
+
+
+def test_a_searchers_saved_state_is_whole_and_every_cut_of_it_is_not(db, tmp_path):
+    """The good copies of the snapshot (gopc/sweep/snapshot.py) keep a searcher state only when whole():
+    the real pickle Tune writes is, every prefix of it (a copy cut short by a full disk) is not, and
+    reading it runs none of its code."""
+    from gopc.sweep.snapshot import whole
+    s = searcher(db, START)
+    for tid in "abc":
+        s.suggest(tid)
+    s.on_trial_complete("a", {"objective": 0.2, "diverged": 0.0, "step": 100})
+    s.save(str(tmp_path / "searcher-state-t.pkl"))
+    data = (tmp_path / "searcher-state-t.pkl").read_bytes()
+    assert whole("searcher-state-t.pkl", data)
+    assert [n for n in range(len(data)) if whole("searcher-state-t.pkl", data[:n])] == []
+
+    import pickle
+    loud = pickle.dumps({"x": _Loud(str(tmp_path / "ran.txt"))})
+    assert whole("searcher-state-t.pkl", loud) and not (tmp_path / "ran.txt").exists()
+    pickle.loads(loud)  # the same bytes do run when really unpickled: the check above can fail
+    assert (tmp_path / "ran.txt").read_text() == "ran"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import optuna
 from optuna.trial import TrialState
@@ -111,13 +112,25 @@ def trial_note(number: int, trial_id: str, status: str, result: dict, metric: st
     return "\n".join(lines)
 
 
-def study_note(study: optuna.Study, metric: str, mode: str, margin: float) -> str:
-    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
-    counts = {k: sum(t.user_attrs.get("status") == k for t in trials) for k in OUTCOMES}
-    learned = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get("status") == "learned"]
-    best = (min if mode == "min" else max)(learned, key=lambda t: t.value) if learned else None
+@dataclass
+class Tally:
+    """The study note's numbers: outcomes counted, and the best learned trial as (number, value)."""
+    counts: dict[str, int]
+    best: tuple[int, float] | None = None
+
+    def add(self, t: optuna.trial.FrozenTrial, mode: str) -> None:
+        status = t.user_attrs.get("status")
+        if status in self.counts:
+            self.counts[status] += 1
+        if t.state == TrialState.COMPLETE and status == "learned" and t.value is not None and (
+                self.best is None or (t.value < self.best[1] if mode == "min" else t.value > self.best[1])):
+            self.best = (t.number, t.value)
+
+
+def study_note(study_name: str, tally: Tally, metric: str, mode: str, margin: float) -> str:
+    n, best = sum(tally.counts.values()), tally.best
     return "\n".join([
-        f"## {study.study_name}", "",
+        f"## {study_name}", "",
         f"**Objective**: `{metric}` on the validation split ({mode}imise): the one-step prior's error when the "
         f"metric is `prior/mse`. A trial has **learned** when its prior's MSE beats both a blank frame and the last "
         f"frame by {margin:.0%}; else it **collapsed**, or **degraded** when an earlier validation had learned "
@@ -125,8 +138,8 @@ def study_note(study: optuna.Study, metric: str, mode: str, margin: float) -> st
         "Every value is a real validation: a diverged trial's value is its last validation (or the blank frame's "
         "score when it diverged before any), and it is infeasible (`diverged` > 0), as a collapsed one is "
         "(`collapsed` > 0). Trials stopped early by ASHA are PRUNED.", "",
-        f"**{len(trials)} trials finished**: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v), "",
-        f"**Best learned trial**: {best.number} ({metric} {best.value:.4f})" if best else
+        f"**{n} trials finished**: " + ", ".join(f"{v} {k}" for k, v in tally.counts.items() if v), "",
+        f"**Best learned trial**: {best[0]} ({metric} {best[1]:.4f})" if best else
         "**Best learned trial**: none yet (no trial has learned); optuna-dashboard's Best Trial card then shows "
         "the lowest value, whatever its outcome.",
     ])
@@ -141,6 +154,9 @@ class Notes:
     tracking_uri: str = ""
     experiment: str = ""
     artifacts: str = ""  # a folder for optuna.artifacts.FileSystemArtifactStore; "" = none
+    _tally: Tally | None = field(default=None, init=False, repr=False, compare=False)
+    _next_write: float = field(default=0.0, init=False, repr=False, compare=False)
+    STUDY_EVERY_S = 10.0
 
     def trial(self, ot_trial: optuna.Trial, trial_id: str, status: str, result: dict | None) -> None:
         """Outcome, grids and note of a trial that is about to be told (still RUNNING). A failure here
@@ -176,11 +192,29 @@ class Notes:
                     done.append(f"{name}.png")
         return done
 
-    def study(self, study: optuna.Study) -> None:
+    def study(self, study: optuna.Study, told: optuna.trial.FrozenTrial | None = None) -> None:
+        """The study's note, after `told` was told; with no `told`, counted from the whole study and written
+        at once (the summary calls it so at the sweep's end). While trials finish it is rewritten at most
+        every STUDY_EVERY_S: optuna-dashboard's save_note reads every note of the study, so a rewrite at
+        every tell cost O(N) a trial. The tally is counted from the whole study once per driver (a resumed
+        sweep's storage may be ahead of the pickle), then kept up trial by trial."""
         try:
-            save_note(study, study_note(study, self.metric, self.mode, self.margin))
+            if told is None or self._tally is None:
+                self._tally = Tally(dict.fromkeys(OUTCOMES, 0))
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                  TrialState.FAIL)):
+                    self._tally.add(t, self.mode)
+            else:
+                self._tally.add(told, self.mode)
+            if told is not None and time.monotonic() < self._next_write:
+                return
+            self._next_write = time.monotonic() + self.STUDY_EVERY_S
+            save_note(study, study_note(study.study_name, self._tally, self.metric, self.mode, self.margin))
         except Exception as e:  # noqa: BLE001: as for a trial's note
             print(f"optuna-dashboard note of the study not written ({type(e).__name__}: {e})", file=sys.stderr)
+
+    def __getstate__(self):  # the tally and the clock are the driver's, not the snapshot's
+        return {**self.__dict__, "_tally": None, "_next_write": 0.0}
 
 
 def save_note(study_or_trial, body: str) -> None:

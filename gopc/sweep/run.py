@@ -207,7 +207,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
                                 "learned": "learned", "degraded": "degraded", "diverged": "diverged"},
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
             callbacks=[interrupt.StopOnSignal(), full_disk.StopOnFullDisk(), KeepGoodCopies(s.experiment_path),
                        LastGrids()] + ([SweepTracker(s.mlflow_uri, parent_run_id, s.name, s.bases, steps,
                                                      pending_path(s))] if tracked else [])),

@@ -217,7 +217,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
                 result = {**result, self.metric: result["study_value"]}
             super().on_trial_complete(trial_id, result, error)
         if self.notes is not None:
-            self.notes.study(self._ot_study)
+            self.notes.study(self._ot_study, self._ot_study._storage.get_trial(ot_trial._trial_id))
         return None
 
 

@@ -38,6 +38,10 @@ class Common:
     max_concurrent: int = C.bounded(4, 1)
     report_every: int = C.bounded(20, 1)  # training steps per Tune iteration (each ends in validation)
     max_failures: int = C.bounded(2, -1)  # retries of a trial whose worker died (-1: forever)
+    # checkpoints kept per trial (Tune's num_to_keep). Tune snapshots the whole experiment (O(N) trials)
+    # whenever one trial has written this many checkpoints since the last snapshot: at 2, short trials
+    # forced a snapshot every few seconds, O(N^2) in all (docs/performance.md, "Scale"); the price is disk
+    keep_checkpoints: int = C.bounded(4, 1)
     storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
     tracking_uri: str = ""  # "" = $GOPC_TRACKING_URI or sqlite:///./mlflow.db
     experiment: str = ""  # MLflow experiment; "" = the sweep name

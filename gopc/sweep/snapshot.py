@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import io
 import json
 import os
-import pickletools
+import pickle
 import time
 
 from ray import tune
@@ -27,16 +28,51 @@ SNAPSHOT = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-stat
 GOOD = ".good"  # in the experiment's folder: Tune reads the snapshot from the folder itself only
 
 
+class _Stub:
+    """What every class and function of a pickle becomes while `whole` reads it: takes any argument and
+    any state, so nothing of the file runs and no module is imported."""
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __setitem__(self, key, value):
+        pass
+
+    def append(self, item):
+        pass
+
+    def extend(self, items):
+        pass
+
+    def add(self, item):
+        pass
+
+
+class _Probe(pickle.Unpickler):
+    def find_class(self, module, name):
+        return _Stub
+
+
 def whole(name: str, data: bytes) -> bool:
     """Whether a snapshot file's content is complete: the trial list's JSON parses, or the other files'
-    pickles (search_gen_state-*.json is one too) read to the STOP at their last byte, without running
-    any of it."""
+    pickles (search_gen_state-*.json is one too) read to their STOP at their last byte. The pickle is read
+    by pickle's C reader with every class stubbed (_Probe): as strict as walking its opcodes, and fast
+    enough for a searcher's state of thousands of trials."""
     try:
         if name.startswith("experiment_state-"):
             json.loads(data)
             return True
-        return [pos for op, arg, pos in pickletools.genops(data) if op.name == "STOP"] == [len(data) - 1]
-    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError, and so is a cut pickle
+        f = io.BytesIO(data)
+        _Probe(f).load()
+        return f.tell() == len(data)
+    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        return False
+    except Exception:  # noqa: BLE001: a cut pickle fails in many ways (EOFError, UnpicklingError, a stub's missing method)
         return False
 
 

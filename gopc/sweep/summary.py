@@ -22,6 +22,7 @@ from optuna.visualization import matplotlib as ovm  # noqa: E402
 
 from gopc import config as C  # noqa: E402
 from gopc.evaluate import scored_line  # noqa: E402
+from gopc.sweep.notes import Notes  # noqa: E402
 from gopc.sweep.searcher import COMPLETED, open_study, trained, trial_status  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
@@ -162,6 +163,7 @@ def _history(study: optuna.Study):
 def summarise(s: Settings, results, parent_run_id: str) -> str | None:
     rows = trial_rows(s, results)
     study = load_study(s)
+    Notes(s.metric, s.mode, C.from_dict(s.base).train.learned_margin).study(study)  # its last trials' counts
     states = defaultdict(int)
     for t in study.trials:
         states[t.state.name] += 1
