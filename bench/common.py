@@ -1,8 +1,7 @@
 """What the benchmarks share: the training step, a batch of real data, the device's name, a timer.
 
-`train_step` is the body of gopc/train.py's loop without the data loading, fault injection, logging
-and checkpointing: forward, backward, gradient norm, divergence guard, Adam step (and the schedule
-step when one is given).
+`train_step` is gopc/train.py's `step` (forward, backward, gradient norm, divergence guard, Adam step),
+plus the schedule's step when one is given, as the loop takes it.
 """
 from __future__ import annotations
 
@@ -19,11 +18,13 @@ import torch
 from gopc import config as C
 from gopc.data import load_digits, make_sequences, to_float
 from gopc.guard import Guard
+from gopc.stabilizers import STAYS_FINITE
+from gopc.train import step
 
 SWEEP_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "gopc2_stability.yaml")
 
 # The stabilizers that keep GOPC-2 finite for timing: at the defaults it diverges in its first step.
-GOPC2_STABLE = ["stab.out_act=sigmoid", "stab.inner_lr_h=0.1"]
+GOPC2_STABLE = [f"{k}={v}" for k, v in STAYS_FINITE.items()]
 MODELS = {"gopc1": [], "vae1": [], "gopc2": GOPC2_STABLE}
 LABELS = {"gopc1": "GOPC-1", "vae1": "VAE-1", "gopc2": "GOPC-2*"}
 
@@ -64,22 +65,13 @@ def make_batch(cfg: C.Config, n: int, device) -> torch.Tensor:
     return to_float(torch.from_numpy(seqs)).to(device)
 
 
-def train_step(model, opt, x, guard: Guard | None, step: int = 0, sched=None):
-    """One step as in gopc/train.py. guard=None skips Guard.check (and with it the step's sync).
-    Returns the Divergence record, or None when the step was finite and the optimizer stepped."""
-    loss, _ = model(x, 1.0)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    params = [p for p in model.parameters() if p.grad is not None]
-    grad_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm([p.grad for p in params])))
-    if guard is not None:
-        record, _ = guard.check(step, loss, grad_norm, model.watch, None)
-        if record is not None:
-            return record
-    opt.step()
-    if sched is not None:
+def train_step(model, opt, x, guard: Guard | None, at: int = 0, sched=None):
+    """One step of gopc/train.py's loop at beta 1, no clipping. guard=None skips Guard.check (and with it
+    the step's sync). Returns the Divergence record, or None when the step was finite and Adam stepped."""
+    record, *_ = step(model, opt, x, 1.0, 0.0, guard, at)
+    if record is None and sched is not None:
         sched.step()
-    return None
+    return record
 
 
 def sync(device) -> None:
@@ -142,9 +134,10 @@ def sweep_settings(folder: str, name: str, preset: str | None, sets: list[str], 
 def service_tuner(s, hooks_class=None, tracked: bool = True):
     """The sweep's own Tuner, with its MLflow parent run when tracked, as gopc/sweep/run.py builds it."""
     from gopc.sweep import run as R
+    from gopc.sweep import search
     from gopc.sweep.parent_run import start_parent
-    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, R.sweep_params(s), "") if tracked else ""
-    return R.build_tuner(s, parent, R.SWEEP, hooks_class=hooks_class, tracked=tracked)
+    parent = start_parent(s.mlflow_uri, s.mlflow_experiment, s.name, False, search.parent_params(s), "") if tracked else ""
+    return R.build_tuner(s, parent, search.SWEEP, hooks_class=hooks_class, tracked=tracked)
 
 
 def start_ray(num_cpus: int, num_gpus: int = 0) -> None:

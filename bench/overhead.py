@@ -40,12 +40,12 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
+from gopc.stabilizers import STAYS_FINITE as STABLE  # noqa: E402
 from gopc.sweep import settings as S  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
 from common import service_tuner, start_ray, sweep_folder, sweep_settings  # noqa: E402
 
-STABLE = {"stab.out_act": "sigmoid", "stab.inner_lr_h": 0.1}
 # The frames of the figures in docs/performance.md (the smoke preset's until it shrank to 32x32)
 GEOMETRY = {"data.frame_size": 64, "data.digit_size": 28, "data.seq_len": 10}
 
@@ -55,14 +55,14 @@ class NoGrids(TuneHooks):
 
 
 class NoCheckpoint(TuneHooks):
-    def schedule(self, t, report_every):
-        super().schedule(t, report_every)
+    def set_schedule(self, t, report_every):
+        super().set_schedule(t, report_every)
         t.ckpt_every = t.steps  # the last step's only, which the trial's final result carries
 
 
 class NoValidation(TuneHooks):
-    def schedule(self, t, report_every):
-        super().schedule(t, report_every)
+    def set_schedule(self, t, report_every):
+        super().set_schedule(t, report_every)
         t.eval_every, self.every, self.steps = 0, report_every, t.steps
 
     def metrics(self, step, metrics, checkpoint):

@@ -66,7 +66,8 @@ def waiting_hooks(seconds: float, template: str, placement_log: str = ""):
             import ray
 
             from gopc import config as C
-            from gopc.evaluate import add_validation, outcome
+            from gopc import outcome as O
+            from gopc.evaluate import add_validation
             from gopc.train import Result
             with open(os.path.join(template, "metrics.json")) as f:
                 saved = json.load(f)
@@ -91,7 +92,7 @@ def waiting_hooks(seconds: float, template: str, placement_log: str = ""):
                         "start": start, "end": time.time()}
                 with open(placement_log, "a") as f:  # one short append: whole lines from every trial
                     f.write(json.dumps(line) + "\n")
-            result = Result("completed", t.steps, eval=metrics, run_dir=run_dir, outcome=outcome(metrics, t.learned_margin))
+            result = Result(O.COMPLETED, t.steps, eval=metrics, run_dir=run_dir, outcome=O.classify(metrics, t.learned_margin))
             self.finished(result)
             return result
 
@@ -185,10 +186,11 @@ def measure_service(a, folder: str, resources=("resources.cpu=1", "resources.gpu
     import mlflow
 
     from gopc.sweep import run as R
+    from gopc.sweep import search
     from gopc.sweep.searcher import DivergenceAwareOptunaSearch
     s = service_settings(a, folder, list(resources))
     template = make_template(os.path.join(folder, "template"), s)
-    kind = dataclasses.replace(R.SWEEP, hooks=waiting_hooks(a.seconds, template, placement_log))
+    kind = dataclasses.replace(search.SWEEP, hooks=waiting_hooks(a.seconds, template, placement_log))
     timed = Timed()
     timed.wrap(DivergenceAwareOptunaSearch, ["suggest"], "ask")
     timed.wrap(DivergenceAwareOptunaSearch, ["on_trial_complete"], "tell")
@@ -212,7 +214,7 @@ def what_users_see(s, folder: str) -> dict:
     the objective), how many trial runs it finds with a final status, and `gopc best` from the shell."""
     import mlflow
 
-    from gopc.sweep.tracking import RUN_STATUS
+    from gopc.outcome import MLFLOW_STATUS
     client = mlflow.MlflowClient(s.mlflow_uri)
     exp_id = client.get_experiment_by_name(s.mlflow_experiment).experiment_id
     t0 = time.perf_counter()
@@ -227,7 +229,7 @@ def what_users_see(s, folder: str) -> dict:
     if best.returncode != 0:
         raise SystemExit(f"gopc best failed: {best.stderr.strip()}")
     return {"view_s": view, "best_s": best_s,
-            "runs": sum(r.data.tags.get("status") in RUN_STATUS for r in runs)}
+            "runs": sum(r.data.tags.get("status") in MLFLOW_STATUS for r in runs)}
 
 
 def one(a) -> int:

@@ -11,7 +11,7 @@ GOPC-2 small enough for a CPU (PROBLEM below), the same trial function with the 
 same seed; trials run one at a time, so each proposal has seen every earlier result. No start points
 (they would hand every searcher the thesis' configs), FIFO (no early stopping: the searcher alone differs).
 
-- service: `make_searcher` of gopc/sweep/run.py, DivergenceAwareOptunaSearch: a diverged trial is told
+- service: `make_searcher` of gopc/sweep/search.py, DivergenceAwareOptunaSearch: a diverged trial is told
   COMPLETE with its last validation (or the blank frame's error) and a `diverged` constraint, a collapsed
   one a smaller `collapsed` constraint. (Until issue 23 the diverged value was a 1e6 penalty; TPE ranks
   infeasible trials by their violation alone, so the searches should not change: docs/performance.md.)
@@ -21,7 +21,7 @@ same seed; trials run one at a time, so each proposal has seen every earlier res
 - service@K (only when asked, --searchers): the service's searcher with `n_startup_trials` = K instead of
   its default, 5 (TPE samples at random until that many trials are complete; Optuna's own default is 10).
 
-Per run: the trials until the first *learned* one (gopc/evaluate.py outcome(): the one-step prior beats
+Per run: the trials until the first *learned* one (gopc/outcome.py classify(): the one-step prior beats
 both trivial predictions by train.learned_margin), until the first *finite* one (trained to the end
 without diverging, learned or collapsed), and the fractions of finite and learned trials among the N.
 """
@@ -44,8 +44,8 @@ from ray.tune.schedulers import FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from gopc import config as C  # noqa: E402
-from gopc.sweep import run as R, settings as S  # noqa: E402
-from gopc.sweep.searcher import COMPLETED, trial_status  # noqa: E402
+from gopc.sweep import run as R, search as sweep_kind, settings as S  # noqa: E402
+from gopc import outcome as O  # noqa: E402
 from gopc.sweep.space import SearchSpace  # noqa: E402
 from gopc.sweep.trainable import TuneHooks  # noqa: E402
 
@@ -77,7 +77,7 @@ def searcher(name: str, s: S.Settings):
     if name.startswith("service"):
         if "@" in name:
             s.n_startup_trials = int(name.split("@")[1])
-        return R.make_searcher(s, [])
+        return sweep_kind.make_searcher(s, [])
     space = SearchSpace(s.space)
     if name == "plain":
         return OptunaSearch(space, metric="objective", mode=s.mode, seed=s.seed)
@@ -89,7 +89,7 @@ def search(name: str, problem: dict, seed: int, n: int) -> dict:
         s = settings(problem, folder, seed, n)
         alg = searcher(name, s)
         hooks = NaNOnDivergence if name == "plain" else None
-        tuner = tune.Tuner(R.make_trainable(s, R.SWEEP, hooks), tune_config=tune.TuneConfig(
+        tuner = tune.Tuner(R.make_trainable(s, sweep_kind.SWEEP, hooks), tune_config=tune.TuneConfig(
             search_alg=alg, scheduler=FIFOScheduler(), num_samples=n, max_concurrent_trials=1, reuse_actors=True),
             run_config=tune.RunConfig(name=s.name, storage_path=s.storage_path, verbose=0))
         with contextlib.redirect_stdout(sys.stderr):
@@ -97,11 +97,11 @@ def search(name: str, problem: dict, seed: int, n: int) -> dict:
         steps = C.from_dict(s.base).train.steps
         # in the order Tune created them: the counter after the (random) trial id in each trial's folder name
         ordered = sorted(results, key=lambda r: int(re.search(r"_[0-9a-f]{8}_(\d+)_", os.path.basename(r.path))[1]))
-        statuses = [trial_status(r.metrics, r.error is not None, steps) for r in ordered]
+        statuses = [O.of_trial(r.metrics, r.error is not None, steps) for r in ordered]
         states = [t.state.name for t in alg._ot_study.get_trials(deepcopy=False)]  # the searcher's own study
     first = lambda ok: next((i + 1 for i, st in enumerate(statuses) if st in ok), None)  # noqa: E731
-    return {"statuses": statuses, "first_learned": first({"learned"}), "first_finite": first(set(COMPLETED)),
-            "finite": sum(st in COMPLETED for st in statuses) / n,
+    return {"statuses": statuses, "first_learned": first({O.LEARNED}), "first_finite": first(set(O.TRAINED)),
+            "finite": sum(st in O.TRAINED for st in statuses) / n,
             "learned": statuses.count("learned") / n, "optuna": {k: states.count(k) for k in sorted(set(states))}}
 
 

@@ -59,7 +59,7 @@ def measure(kind, batch, a, device):
     guard, times = Guard(), []
     for i in range(a.warmup + a.repeats):
         out = []
-        t = timed(lambda: out.append(train_step(model, opt, x, guard, step=i)), device)
+        t = timed(lambda: out.append(train_step(model, opt, x, guard, at=i)), device)
         if out[0] is not None:
             return f"diverged at step {i} ({out[0].quantity})"
         if i >= a.warmup:

@@ -1,4 +1,6 @@
-"""`gopc train | eval | best`. Bad input ends in one line on stderr naming the field, and exit 2."""
+"""`gopc train | eval | best`. Bad input ends in one line on stderr naming the field, and exit 2.
+torch, Ray and MLflow are imported inside the commands that use them, so that a mistyped command line
+is refused in a fraction of a second."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +11,11 @@ import sys
 import time
 
 from gopc import config as C
+from gopc import outcome as O
+from gopc.console import quiet_libraries
 from gopc.disk import DiskFull
-from gopc.errors import GopcError
+from gopc.errors import ArgumentParser, GopcError
+from gopc.runfolder import DIVERGENCE_FILE, check_free, diverged_at
 
 
 def _seeds(text: str) -> list[int]:
@@ -43,7 +48,6 @@ def _run_folder(path: str, option: str, free: bool = False) -> str:
     path = os.path.expanduser(path)
     if os.path.basename(os.path.normpath(path)) == "checkpoint.pt" and os.path.isfile(path):
         path = os.path.dirname(path) or "."
-    from gopc.train import check_free, diverged_at
     if free:
         check_free(path, option)
     if not os.path.isfile(os.path.join(path, "checkpoint.pt")):
@@ -55,14 +59,12 @@ def _run_folder(path: str, option: str, free: bool = False) -> str:
 
 
 def _default_run_dir(cfg: C.Config, seed: int, stamp: str) -> str:
-    """train.out_dir/KIND-sSEED-TIME-PID: the pid keeps apart two runs started in the same second on one
-    machine, which would otherwise share a folder."""
+    """train.out_dir/KIND-sSEED-TIME-PID: the pid keeps apart two runs started in the same second on one machine."""
     return os.path.join(os.path.expanduser(cfg.train.out_dir), f"{cfg.model.kind}-s{seed}-{stamp}-{os.getpid()}")
 
 
 def _check_new_run_folder(run_dir: str, option: str) -> None:
     """A new run never lands on an existing one: its checkpoint, config and evaluation would be replaced."""
-    from gopc.train import check_free
     C.check_creatable(run_dir, option)
     check_free(run_dir, option)
     if os.path.isdir(run_dir) and any(os.path.exists(os.path.join(run_dir, f)) for f in RUN_FILES):
@@ -75,7 +77,7 @@ RUN_FILES = ("checkpoint.pt", "config.yaml", "mlflow_run_id", "eval")  # what ma
 
 def cmd_train(args) -> int:
     from gopc.evaluate import table
-    from gopc.tracking import MlflowHooks, check_tracking, run_uri
+    from gopc.run_tracking import MlflowHooks, check_tracking, run_uri
     from gopc.train import Hooks, train
 
     run_id = resume_from = folder = None
@@ -123,12 +125,12 @@ def cmd_train(args) -> int:
         except BaseException:
             hooks.failed()  # its MLflow run ends FAILED, not RUNNING for ever
             raise
-        if result.status == "killed":  # a signal: the one line says how to go on; later seeds do not start
+        if result.status == O.KILLED:  # a signal: the one line says how to go on; later seeds do not start
             print(f"gopc: {signal.Signals(result.signal).name} at step {result.step}: checkpoint saved; "
                   f"resume with: gopc train --resume {run_dir}", file=sys.stderr)
             return 128 + result.signal
         outcomes.append((seed, result))
-        if result.status == "diverged":
+        if result.status == O.DIVERGED:
             d = result.divergence
             first = min(run_cfg.train.ckpt_every, run_cfg.train.steps)  # a run's first checkpoint is due there
             kept = (f"last finite checkpoint {d.last_checkpoint}" if d.last_checkpoint else
@@ -141,8 +143,8 @@ def cmd_train(args) -> int:
             print(table(result.eval, run_cfg.train.learned_margin))
         print(f"run folder: {run_dir}")
     if len(run_dirs) > 1:
-        survivors = [s for s, r in outcomes if r.status == "completed"]
-        learned = [s for s, r in outcomes if r.outcome == "learned"]
+        survivors = [s for s, r in outcomes if r.status == O.COMPLETED]
+        learned = [s for s, r in outcomes if r.outcome == O.LEARNED]
         print(f"{len(survivors)} of {len(run_dirs)} seeds survived ({', '.join(map(str, survivors)) or 'none'}); "
               f"{len(run_dirs) - len(survivors)} diverged; {len(learned)} learned ({', '.join(map(str, learned)) or 'none'})"
               " (for intervals and a comparison with the baselines: sweeps/gopc2_study.py)")
@@ -150,10 +152,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from gopc.checkpoint import load_checkpoint
     from gopc.data import build_datasets
     from gopc.evaluate import evaluate, table
     from gopc.models import build_model
-    from gopc.train import DIVERGENCE_FILE, diverged_at, load_checkpoint, pick_device
+    from gopc.train import pick_device
 
     folder = _run_folder(args.run, "run")
     cfg = C.load(os.path.join(folder, "config.yaml"), args.set, field="run")
@@ -176,7 +179,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_best(args) -> int:
-    from gopc.tracking import check_tracking, resolve_uri
+    from gopc.run_tracking import check_tracking, resolve_uri
 
     output = os.path.expanduser(args.output)
     if earlier := sorted(glob.glob(os.path.join(output, "best-*.yaml"))):  # never overwrite an export
@@ -198,13 +201,6 @@ def cmd_best(args) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """Command-line mistakes are bad input too: one line naming the argument, exit 2 (not usage + SystemExit)."""
-
-    def error(self, message):
-        raise GopcError(f"{message} (see {self.prog} --help)")
-
-
 def cmd_check_cluster(args) -> int:
     from gopc.cluster import check_cluster_file
     prepared = check_cluster_file(args.file)
@@ -213,7 +209,8 @@ def cmd_check_cluster(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="gopc", description=__doc__)
+    p = ArgumentParser(prog="gopc", description=__doc__)
+    p.add_argument("--verbose", action="store_true", help="also show MLflow's and Ray's INFO lines")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one config (optionally over several seeds)")
     t.add_argument("--config", help="run YAML (see configs/); defaults apply to anything left out")
@@ -248,6 +245,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
+        quiet_libraries(args.verbose)
         return args.func(args)
     except GopcError as e:
         print(f"gopc: error: {e}", file=sys.stderr)

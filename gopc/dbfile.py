@@ -1,9 +1,7 @@
-"""The SQLite files a command keeps its records in (MLflow's mlflow.db, Optuna's optuna.db), checked before
-anything is written (issue 22, class 3). Read-only, cut off or damaged: one line naming the file and the
-fix, instead of MLflow's or Optuna's traceback once the run folder or the parent run exists. Held by
-another writer: waited for, a bounded time (GOPC_BUSY_WAIT seconds, default 60), with a line saying so,
-then the command goes on, or stops in one line. The checks write nothing into the file or its folder.
-"""
+"""The SQLite files of a command (MLflow's mlflow.db, Optuna's optuna.db), checked before anything is written.
+Read-only, cut off or damaged: one line naming the file and the fix, not MLflow's or Optuna's traceback once the run
+folder or parent run exists. Held by another writer: waited for, a bounded time (GOPC_BUSY_WAIT s, default 60), with a
+line saying so, then the command goes on, or stops in one line. Nothing is written into the file or its folder."""
 from __future__ import annotations
 
 import contextlib
@@ -75,8 +73,7 @@ def check(path: str, field: str, what: str, fix: str, write: bool = True) -> set
         return None
     if os.path.isdir(path):
         raise ConfigError(f"{field}: {path} is a folder, not {what}; {fix}")
-    # os.access, not the mode bits: it also sees a read-only mount and an immutable file (chattr +i), and
-    # answers for this user (root may write a chmod 444 file, and SQLite would)
+    # os.access, not mode bits: it sees read-only mounts, chattr +i, and answers for this user (root writes 444 files)
     if write and not os.access(path, os.W_OK):
         raise ConfigError(f"{field}: {path} is read-only; make it writable (chmod u+w {path}), or {fix}")
     if os.path.getsize(path) == 0:

@@ -1,10 +1,9 @@
 """A full disk: how it is recognized, and the one line that says so.
 
-A full disk is not bad input, but like bad input it is the user's to fix before anything can go on, so
-it ends the same way: one line on stderr and exit 2 (gopc/cli.py, gopc/sweep/run.py). What was saved
-before it stays: a run keeps its last checkpoint (written through a temporary file and a rename), a
-sweep its last good Tune snapshot (gopc/sweep/snapshot.py), and `--resume` goes on once space is freed.
-"""
+A full disk is not bad input, but like bad input it is the user's to fix before anything can go on, so it ends the same
+way: one line on stderr and exit 2 (gopc/cli.py, gopc/sweep/run.py). What was saved before it stays: a run keeps its
+last checkpoint (written through a temporary file and a rename), a sweep its last good Tune snapshot
+(gopc/sweep/snapshot.py), and `--resume` goes on once space is freed."""
 from __future__ import annotations
 
 import errno
@@ -16,8 +15,7 @@ FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; the user's d
 
 
 class DiskFull(GopcError):
-    """A write failed for want of space; the message names the folder and what was kept. `resumable`:
-    what was kept is enough to go on from with --resume."""
+    """A write found no space; the message names the folder and what was kept; `resumable`: --resume can go on."""
 
     def __init__(self, message: str, resumable: bool = True):
         super().__init__(message)

@@ -1,20 +1,22 @@
-"""Evaluation after the thesis: posterior error over full sequences (table 3.1), one-step prior error
-decoded before the inference step (table 3.2), and the 5-context rollout from the prior alone
-(figure 3.4). Each stands beside the trivial predictions (a blank frame; for the prior and the rollout,
-the last frame too) with a skill score over the better of them, so a model that predicts nothing cannot
-look good: a run whose one-step prior does not beat them by `train.learned_margin` is `collapsed`, and
-one that did at an earlier validation but no longer does is `degraded`."""
+"""Evaluation after the thesis: posterior error over full sequences (table 3.1), one-step prior error decoded before the
+inference step (table 3.2), and the 5-context rollout from the prior alone (figure 3.4). Each stands beside the trivial
+predictions (a blank frame; for the prior and the rollout, the last frame too) with a skill score over the better of
+them, so a model that predicts nothing cannot look good: gopc/outcome.py judges a run by its one-step prior's skill."""
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import torch
 
-from gopc.config import Config
-from gopc.data import to_float
+from gopc import outcome as O
+from gopc.checkpoint import load_checkpoint
+from gopc.config import Config, load
+from gopc.data import build_datasets, to_float
 from gopc.images import curves_plot, inference_grid, rollout_grid
-from gopc.metrics import SKILL_METRICS, curve, frame_metrics, last_frame_prediction, skill, summarise
+from gopc.metrics import SKILL_METRICS, curve, frame_metrics, last_frame_prediction, mean_and_std, skill
+from gopc.models import build_model
 
 SECTIONS = ("posterior", "prior", "rollout")
 METRIC_NAMES = ("mse", "bce", "psnr", "ssim")  # the summaries, without their _std
@@ -48,7 +50,7 @@ def blank_scores(sequences, cfg: Config) -> dict:
     out = {}
     for name, sel in scored_frames(cfg).items():
         target = x[:, sel]
-        out.update({f"{name}/blank_{k}": v for k, v in summarise(frame_metrics(torch.zeros_like(target), target)).items()
+        out.update({f"{name}/blank_{k}": v for k, v in mean_and_std(frame_metrics(torch.zeros_like(target), target)).items()
                     if k in METRIC_NAMES})
     return out
 
@@ -64,13 +66,13 @@ def evaluate(model, sequences, cfg: Config, out_dir: str | None) -> tuple[dict, 
         target = x[:, sel]
         per = frame_metrics(pred[name][:, sel], target)
         blank = frame_metrics(torch.zeros_like(target), target)
-        metrics.update({f"{name}/{k}": v for k, v in summarise(per).items()})
-        metrics.update({f"{name}/blank_{k}": v for k, v in summarise(blank).items() if k in METRIC_NAMES})
+        metrics.update({f"{name}/{k}": v for k, v in mean_and_std(per).items()})
+        metrics.update({f"{name}/blank_{k}": v for k, v in mean_and_std(blank).items() if k in METRIC_NAMES})
         curves[name] = {**curve(per), "blank_mse": curve(blank)["mse"]}  # per-step means of every metric
         refs = ["blank"]
         if name != "posterior":  # the posterior sees its frame: only the blank frame is trivial for it
             last = frame_metrics(last_frame_prediction(x, sel.start, ctx if name == "rollout" else None), target)
-            metrics.update({f"{name}/last_{k}": v for k, v in summarise(last).items() if k in METRIC_NAMES})
+            metrics.update({f"{name}/last_{k}": v for k, v in mean_and_std(last).items() if k in METRIC_NAMES})
             curves[name]["last_mse"] = curve(last)["mse"]
             refs.append("last")
         for k in SKILL_METRICS:
@@ -97,11 +99,8 @@ SHOWN = 3  # test sequences whose predictions are kept, for pictures that put mo
 
 
 def load_trained(run_dir: str, device: str = "cpu"):
-    """The run's config and its model with the checkpoint's weights."""
-    from gopc.config import load
-    from gopc.models import build_model
+    """The run's config and its model with the checkpoint's weights (checked by load_checkpoint)."""
     cfg = load(os.path.join(run_dir, "config.yaml"))
-    from gopc.train import load_checkpoint  # checked: a damaged or foreign checkpoint is one line, not a traceback
     model = build_model(cfg).to(device)
     load_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model, cfg, field="run")
     return cfg, model
@@ -110,9 +109,6 @@ def load_trained(run_dir: str, device: str = "cpu"):
 def evaluate_saved(run_dir: str, split: str, out_dir: str, n: int | None = None) -> dict:
     """Evaluates a finished run on a split (all of it unless n): the metrics, and in out_dir the grids,
     curves.json, metrics.json and predictions.npz (truth and rollout of the first SHOWN sequences, uint8)."""
-    import numpy as np
-
-    from gopc.data import build_datasets
     cfg, model = load_trained(run_dir)
     sequences = build_datasets(cfg.data)[split][:n]
     metrics, _ = evaluate(model, sequences, cfg, out_dir)
@@ -139,7 +135,7 @@ def validations(run_dir: str, upto: int) -> list[dict]:
 
 def add_validation(run_dir: str, history: list[dict], step: int, metrics: dict) -> None:
     """Appends this validation to `history` and its file, and adds the peak so far to `metrics`:
-    `prior/peak_skill_mse` and `prior/peak_step`, which outcome() reads to tell `degraded`."""
+    `prior/peak_skill_mse` and `prior/peak_step`, which O.classify reads to tell a run that degraded."""
     history.append({"step": step, **{k: float(v) for k, v in metrics.items() if not k.startswith("prior/peak_")}})
     tmp = os.path.join(run_dir, VALIDATIONS_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -151,30 +147,17 @@ def add_validation(run_dir: str, history: list[dict], step: int, metrics: dict) 
         metrics["prior/peak_step"], metrics["prior/peak_skill_mse"] = max(finite, key=lambda v: v[1])
 
 
-def outcome(metrics: dict, margin: float) -> str:
-    """`learned` when the one-step prior's MSE beats the better trivial prediction by at least `margin`
-    (skill 0.1 = 10% lower error), else `collapsed`. MSE, because a model that has learned only the mean
-    image (a grey blur) still beats a blank frame on BCE by far, but on MSE by a few percent at most.
-    `degraded` when an earlier validation cleared the margin (`prior/peak_skill_mse`) but this one is below
-    it, or below half that peak: it learned, then unlearned (docs/verdict.md, "Late collapse")."""
-    final = metrics.get("prior/skill_mse", float("nan"))
-    peak = metrics.get("prior/peak_skill_mse", float("nan"))
-    if peak >= margin and not (final >= margin and final >= peak / 2):
-        return "degraded"
-    return "learned" if final >= margin else "collapsed"
-
-
 def outcome_line(metrics: dict, margin: float) -> str:
     s = metrics.get("prior/skill_mse", float("nan"))
-    word = outcome(metrics, margin)
-    if word == "learned":
-        return (f"outcome: learned: the one-step prior's MSE is {s:.0%} below the better trivial prediction "
+    word = O.classify(metrics, margin)
+    if word == O.LEARNED:
+        return (f"outcome: {word}: the one-step prior's MSE is {s:.0%} below the better trivial prediction "
                 f"(blank or last frame; margin {margin:.0%})")
-    if word == "degraded":
-        return (f"outcome: degraded: the one-step prior's MSE skill peaked at {metrics['prior/peak_skill_mse']:+.0%} "
+    if word == O.DEGRADED:
+        return (f"outcome: {word}: the one-step prior's MSE skill peaked at {metrics['prior/peak_skill_mse']:+.0%} "
                 f"at step {metrics['prior/peak_step']:.0f}, then fell to {s:+.0%} (margin {margin:.0%}, or half the "
                 f"peak): it learned, then unlearned")
-    return (f"outcome: collapsed: the one-step prior's MSE is {s:+.0%} against the better trivial prediction "
+    return (f"outcome: {word}: the one-step prior's MSE is {s:+.0%} against the better trivial prediction "
             f"(blank or last frame; margin {margin:.0%}); this model has learned nothing useful")
 
 

@@ -1,9 +1,9 @@
-"""GOPC-1 (thesis chapter 3): LSTM prior over per-frame latents, posterior by one gradient step from
-the origin through the full ELBO (algorithms 1-3)."""
+"""GOPC-1 (thesis chapter 3): an LSTM prior over per-frame latents; the posterior is one GON step (nn.gon_posterior)."""
 from __future__ import annotations
 
+from gopc import stabilizers
 from gopc.config import Config
-from gopc.nn import GaussianHead, LSTMPrior, SeqModel, logvar
+from gopc.nn import GaussianHead, LSTMPrior, SeqModel
 
 
 class GOPC1(SeqModel):
@@ -17,7 +17,7 @@ class GOPC1(SeqModel):
         if t == 0:  # r_1 ~ N(0, I)
             return carry["zeros"], carry["zeros"], carry
         mu, raw, carry["state"] = self.prior_net(carry["r"], carry.get("state"))
-        return mu, logvar(raw, self.s.variance), carry
+        return mu, stabilizers.variance(raw, self.s.variance), carry
 
     def posterior(self, x_t, mu_p, lv_p, t):
         return self.gon_posterior(self.q_head, x_t, mu_p, lv_p, t)

@@ -1,18 +1,17 @@
-"""GOPC-2 (thesis chapter 4): a higher latent r^H generates the transition of r_t through a
-hypernetwork (as in Dynamic Predictive Coding) and is itself inferred by gradient steps each frame.
+"""GOPC-2 (thesis chapter 4): a higher latent r^H generates the transition of r_t through a hypernetwork (as in Dynamic
+Predictive Coding) and is itself inferred by gradient steps each frame.
 
-Why it blows up (reference notes, section 6): r^H is carried across frames, so backpropagation
-multiplies one (I - lr_h * Hessian) Jacobian per frame through the hypernetwork, an unrolled inner
-loop of T-1 steps. Every stabilizer in `StabilizerConfig` attacks a factor of that product.
-"""
+Why it blows up (reference notes, section 6): r^H is carried across frames, so backpropagation multiplies one
+(I - lr_h * Hessian) Jacobian per frame through the hypernetwork, an unrolled inner loop of T-1 steps. Every
+stabilizer (gopc/stabilizers.py) attacks a factor of that product."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gopc import stabilizers
 from gopc.config import Config
-from gopc.nn import GaussianHead, SeqModel, kl_loss, kl_std_normal, logvar, reduce_inner
+from gopc.nn import GaussianHead, SeqModel, kl_std_normal
 
 
 class Transition(nn.Module):
@@ -43,31 +42,14 @@ class Transition(nn.Module):
         if self.form == "full":
             V = h.view(-1, self.r, self.r)
         else:
-            act = {"softmax": lambda w: w.softmax(-1), "relu": F.relu, "tanh": torch.tanh}
-            w = act.get(self.s.mixture_act, lambda w: w)(h)
-            bases = self.bases
-            if self.s.basis_norm == "normalize":  # unit Frobenius norm, so every basis is a contraction
-                bases = bases / bases.flatten(1).norm(dim=1).clamp_min(1e-8)[:, None, None]
-            elif self.s.basis_norm == "spectral":  # largest singular value at most 1
-                sigma = torch.linalg.matrix_norm(bases, ord=2).clamp_min(1.0)
-                bases = bases / sigma[:, None, None]
-            V = torch.einsum("bk,kij->bij", w, bases)
-        if self.s.weight_act == "tanh":
-            V = torch.tanh(V)
-        elif self.s.weight_act == "layernorm":
-            V = F.layer_norm(V.flatten(1), (self.r * self.r,)).view_as(V)
-        return V
+            w = stabilizers.mixture_act(h, self.s.mixture_act)
+            V = torch.einsum("bk,kij->bij", w, stabilizers.basis_norm(self.bases, self.s.basis_norm))
+        return stabilizers.weight_act(V, self.s.weight_act)
 
     def forward(self, r_prev, rh):
         V = self.matrices(rh)
-        out = torch.bmm(V, r_prev.unsqueeze(-1)).squeeze(-1)
-        if self.s.out_act == "sigmoid":
-            out = torch.sigmoid(out)
-        elif self.s.out_act == "tanh":
-            out = torch.tanh(out)
-        elif self.out_norm is not None:
-            out = self.out_norm(out)
-        return (r_prev + out if self.s.residual else out), V
+        out = stabilizers.out_act(torch.bmm(V, r_prev.unsqueeze(-1)).squeeze(-1), self.s.out_act, self.out_norm)
+        return stabilizers.residual(r_prev, out, self.s.residual), V
 
 
 class GOPC2(SeqModel):
@@ -90,8 +72,8 @@ class GOPC2(SeqModel):
             return carry["zeros"], carry["zeros"], carry
         mu, V = self.transition(carry["r"], carry["rh"])
         if self.s.weight_penalty:
-            carry["penalty"] = carry["penalty"] + V.pow(2).sum((1, 2)).mean()
-        return mu, logvar(self.trans_raw, self.s.variance).expand_as(mu), carry
+            carry["penalty"] = carry["penalty"] + stabilizers.weight_penalty(V)
+        return mu, stabilizers.variance(self.trans_raw, self.s.variance).expand_as(mu), carry
 
     def posterior(self, x_t, mu_p, lv_p, t):
         return self.gon_posterior(self.q_head, x_t, mu_p, lv_p, t)
@@ -99,38 +81,24 @@ class GOPC2(SeqModel):
     def advance(self, carry, r, t, infer=True):
         """After r_t is inferred, step r^H down ||r_t - r_hat_t(r^H)||^2 + KL(q(r^H) || N(0, I))."""
         if t > 0 and infer:
-            # A new node: r_t was inferred through the prior that used carry["rh"], so a gradient
-            # taken w.r.t. carry["rh"] itself would run back through r_t. r_t is the fixed target here.
-            rh = carry["rh"].clone()
-            if self.s.rh_truncate and t % self.s.rh_truncate == 0:
-                rh = rh.detach()  # truncated backpropagation through the r^H path
-            lv_h = logvar(self.rh_raw, self.s.variance)
+            # a clone: r_t, inferred through carry["rh"], must stay a fixed target (no gradient back through it)
+            rh = stabilizers.rh_truncate(carry["rh"].clone(), t, self.s.rh_truncate)
+            lv_h = stabilizers.variance(self.rh_raw, self.s.variance)
             for _ in range(self.s.n_steps_h):
                 with torch.enable_grad():
                     if not rh.requires_grad:
                         rh = rh.detach().requires_grad_()
                     r_hat, _ = self.transition(carry["r"], rh)
                     red = self.s.inner_reduction
-                    inner = reduce_inner((r - r_hat) ** 2, red) + reduce_inner(kl_std_normal(rh, lv_h), red)
+                    inner = stabilizers.inner_reduction((r - r_hat) ** 2, red) \
+                        + stabilizers.inner_reduction(kl_std_normal(rh, lv_h), red)
                     g = self.gradient_step("rh_grad", t, inner, rh, self.s.inner_lr_h, self.s.second_order_h)
-                    rh = rh - self.s.inner_lr_h * self.limit(g)
+                    rh = rh - self.s.inner_lr_h * stabilizers.h_grad(g, self.s.h_grad, self.s.h_grad_limit)
             carry["rh"] = rh
         carry["r"] = r
         return carry
 
-    def limit(self, g):
-        """Clip, or normalise to a fixed length (a trust region), the inner r^H gradient."""
-        c, how = self.s.h_grad_limit, self.s.h_grad
-        if how == "clip_value":
-            return g.clamp(-c, c)
-        norm = g.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        if how == "clip_norm":
-            return g * (c / norm).clamp(max=1.0)
-        if how == "normalize":
-            return g * (c / norm)
-        return g
-
     def extra_loss(self, carry, beta):
-        lv_h = logvar(self.rh_raw, self.s.variance).expand_as(carry["rh"])
-        kl_h = kl_loss(kl_std_normal(carry["rh"], lv_h), self.s.free_bits_h)
+        lv_h = stabilizers.variance(self.rh_raw, self.s.variance).expand_as(carry["rh"])
+        kl_h = stabilizers.free_bits(kl_std_normal(carry["rh"], lv_h), self.s.free_bits_h)
         return beta * kl_h + self.s.weight_penalty * carry["penalty"]

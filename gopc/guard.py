@@ -20,9 +20,7 @@ class Divergence:
     last_checkpoint: str | None  # the last checkpoint written, all finite by construction
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["value"] = str(self.value)  # JSON has no nan/inf
-        return d
+        return {**asdict(self), "value": str(self.value)}  # JSON has no nan/inf
 
 
 class Guard:

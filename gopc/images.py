@@ -1,9 +1,7 @@
 """Small PNG figures in the style of the thesis: inference grid (fig. 3.3), rollout grid (fig. 3.4), metric curves.
 
 Each is logged to MLflow for every trial, so they are kept small (DPI 80, ~48 px per frame) and every figure is
-closed after saving. Layout is placed by hand in inches (no tight bbox), so the PNG size is predictable.
-"""
-
+closed after saving. Layout is placed by hand in inches (no tight bbox), so the PNG size is predictable."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,13 +34,12 @@ def _frames(x, n: int) -> np.ndarray:
 
 
 def _grid(n_seq: int, labels: list[str], T: int, context_gap_before: int | None = None):
-    """Figure with one cell per (sequence, row, t), all drawn into a single axes that spans the figure and
-    whose data coordinates are inches. Why not one Axes per frame: creating an Axes costs ~8 ms, and a
-    grid has 60-120 of them; that was ~1 s of every validation of a sweep trial (docs/performance.md,
-    Service overhead), while an image in a shared axes costs well under a millisecond. Same pixels.
+    """Figure with one cell per (sequence, row, t), all drawn into a single axes that spans the figure and whose data
+    coordinates are inches. Why not one Axes per frame: creating an Axes costs ~8 ms, and a grid has 60-120 of them;
+    that was ~1 s of every validation of a sweep trial (docs/performance.md, Service overhead), while an image in a
+    shared axes costs well under a millisecond. Same pixels.
 
-    Returns (fig, canvas, cells[seq][row][t] = (left, bottom) in inches, column left edges, width, height).
-    """
+    Returns (fig, canvas, cells[seq][row][t] = (left, bottom) in inches, column left edges, width, height)."""
     col_x, x = [], LEFT
     for t in range(T):
         if t == context_gap_before:
@@ -55,8 +52,7 @@ def _grid(n_seq: int, labels: list[str], T: int, context_gap_before: int | None 
     fig = plt.figure(figsize=(width, height), dpi=DPI, facecolor="white")
     canvas = fig.add_axes((0.0, 0.0, 1.0, 1.0))
     canvas.set_axis_off()
-    canvas.set_xlim(0, width)
-    canvas.set_ylim(0, height)
+    canvas.set(xlim=(0, width), ylim=(0, height))
     canvas.set_autoscale_on(False)  # imshow must not move the limits: each frame has its own extent
     cells = []
     y = height - TOP  # top edge of the current row, measured from the bottom
@@ -108,11 +104,8 @@ def inference_grid(truth, prior, posterior, path, n: int = 3) -> Path:
 
 
 def rollout_grid(truth, prediction, path, context: int = 5, n: int = 3) -> Path:
-    """Thesis fig. 3.4: per sequence, rows truth / prediction; a red line after frame `context - 1`.
-
-    A prediction with fewer frames than the truth (e.g. only the T - context future frames) is right-aligned,
-    so its frames sit under the truth frames they predict.
-    """
+    """Thesis fig. 3.4: per sequence, rows truth / prediction; a red line after frame `context - 1`. A prediction with
+    fewer frames than the truth is right-aligned, so its frames sit under the truth frames they predict."""
     truth, prediction = _frames(truth, n), _frames(prediction, n)
     T, Tp = truth.shape[1], prediction.shape[1]
     if Tp > T:
@@ -136,9 +129,8 @@ def curves_plot(curves: dict[str, list[float]], path, title: str) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=DPI)
     try:
         for name, values in curves.items():
-            if name == "blank":
-                continue
-            ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
+            if name != "blank":
+                ax.plot(range(len(values)), values, marker="o", markersize=3, label=name)
         if "blank" in curves:
             blank = curves["blank"]
             if np.ndim(blank) == 0:

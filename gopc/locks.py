@@ -1,10 +1,9 @@
-"""Locks that last exactly as long as the process that holds them: flock, which the kernel drops when
-its holder ends, however it ends (kill -9 included), so no lock ever goes stale. They exclude processes
-on one machine, which is where the drivers of one experiment and their SQLite files live.
+"""Locks that last exactly as long as the process that holds them: flock, which the kernel drops when its holder ends,
+however it ends (kill -9 included), so no lock ever goes stale. They exclude processes on one machine, which is where
+the drivers of one experiment and their SQLite files live.
 
 - `held`: what one process uses at a time (a run folder, a sweep or study); a second is refused at once.
-- `creating`: a shared SQLite database made once; whoever comes second waits for the first to finish.
-"""
+- `creating`: a shared SQLite database made once; whoever comes second waits for the first to finish."""
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +33,7 @@ def holder(path: str) -> str | None:
 
 @contextlib.contextmanager
 def held(path: str, refuse: Callable[[str], GopcError]):
-    """Hold the lock file `path` (writing this pid into it) for the block; if another process holds it,
-    raise refuse(its pid) at once."""
+    """Hold the lock file `path` (this pid in it) for the block; if another process holds it, raise refuse(pid)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

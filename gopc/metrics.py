@@ -1,13 +1,10 @@
 """Per-frame video metrics (MSE, BCE, PSNR, SSIM) in torch, plus the summaries the thesis tables report.
 
 Every function takes predictions and targets of shape (B, T, 1, H, W) with values in [0, 1]; predictions are
-probabilities, not logits. All heavy work stays on the tensors' device (CPU or CUDA); only the final scalar
-summaries become Python floats.
+probabilities, not logits. All heavy work stays on the tensors' device; only the final summaries become Python floats.
 
 NaN is deliberately *not* masked anywhere: a diverged GOPC-2 run produces NaN predictions and the sweep must see
-that. Callers that know a frame has no prediction (the prior at t=0) slice it off before summarising.
-"""
-
+that. Callers that know a frame has no prediction (the prior at t=0) slice it off before summarising."""
 from __future__ import annotations
 
 import torch
@@ -16,11 +13,9 @@ import torch.nn.functional as F
 BCE_EPS = 1e-6  # pred is clamped to [eps, 1-eps] so a hard 0/1 prediction gives a large but finite BCE
 MSE_FLOOR = 1e-10  # PSNR of a perfect frame is 100 dB instead of inf
 
-# SSIM constants: skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5,
-# use_sample_covariance=False, data_range=1.0). skimage filters with scipy's gaussian_filter (truncate=3.5,
-# so radius int(3.5*1.5 + 0.5) = 5, an 11x11 window) over the whole image and then averages the SSIM map only
-# after cropping (11-1)//2 = 5 px from each border. Inside that crop the window never touches the padding, so a
-# "valid" convolution gives the same numbers without any padding logic.
+# SSIM as skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+# data_range=1.0): scipy's gaussian_filter (truncate=3.5: radius 5, an 11x11 window), then the mean of the SSIM map
+# cropped by 5 px at each border, where the window never touches the padding: a "valid" convolution matches it.
 SSIM_SIGMA = 1.5
 SSIM_WIN = 11
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -31,9 +26,8 @@ METRICS = ("mse", "bce", "psnr", "ssim")
 
 def _check(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if pred.shape != target.shape or pred.dim() != 5 or pred.shape[2] != 1:
-        raise ValueError(
-            f"pred and target must both be (B, T, 1, H, W); got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
+        raise ValueError(f"pred and target must both be (B, T, 1, H, W); got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
     # half precision loses too much in E[x^2] - E[x]^2; float64 inputs keep their precision
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
     return pred.detach().to(dtype), target.detach().to(pred.device, dtype)
@@ -76,11 +70,9 @@ def frame_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.T
     return {"mse": mse, "bce": bce, "psnr": psnr, "ssim": ssim(pred, target)}
 
 
-def summarise(per_frame: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Mean over all frames and sequences, plus `<metric>_std`: the std across sequences of each sequence's mean.
-
-    The std is the population std (ddof=0, like numpy), so a single sequence gives 0 rather than NaN.
-    """
+def mean_and_std(per_frame: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean over all frames and sequences, plus `<metric>_std`: the std across sequences of each sequence's mean, the
+    population std (ddof=0, like numpy), so a single sequence gives 0 rather than NaN."""
     out: dict[str, float] = {}
     for name, values in per_frame.items():
         per_seq = values.detach().double().mean(dim=1)  # (B,)
@@ -94,7 +86,6 @@ def curve(per_frame: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     return {name: values.detach().double().mean(dim=0).tolist() for name, values in per_frame.items()}
 
 
-# ---------------------------------------------------------------------------------------------------
 # Trivial predictions and skill: a model is judged against what predicting nothing already scores.
 
 SKILL_METRICS = ("mse", "bce", "ssim")  # PSNR is a transform of MSE, so it gets no skill of its own
@@ -106,15 +97,12 @@ def last_frame_prediction(x: torch.Tensor, first: int, context: int | None = Non
     `context` frames, every future frame is predicted by the last context frame (all the model saw)."""
     if first < 1:
         raise ValueError("the copy-last-frame prediction needs a frame before the first predicted one")
-    if context is None:
-        return x[:, first - 1:-1]
-    return x[:, context - 1:context].expand_as(x[:, first:])
+    return x[:, first - 1:-1] if context is None else x[:, context - 1:context].expand_as(x[:, first:])
 
 
 def skill(metric: str, model: float, *references: float) -> float:
-    """How much better `model` is than the best of the references, as a skill score: 1 - m/ref for errors
-    (perfect = 0), (m - ref) / (1 - ref) for SSIM (perfect = 1). Above 0: better than every reference;
-    1: perfect; below 0: worse than predicting nothing."""
+    """`model` against the best of the references as a skill score: 1 - m/ref for errors, (m - ref) / (1 - ref) for
+    SSIM. Above 0: better than every reference; 1: perfect; below 0: worse than predicting nothing."""
     if metric == "ssim":
         ref = max(references)
         return (model - ref) / (1 - ref) if ref < 1 else float("nan")

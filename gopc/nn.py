@@ -1,9 +1,8 @@
 """What the three models share: the decoder, Gaussian helpers, the gradient-origin step and the frame loop.
 
-A model is a per-frame filter: prior -> posterior -> decode -> advance. Training sums the ELBO over
-frames (thesis algorithm 3); `predict` runs the same loop in eval mode (posterior means, no sampling)
-for the thesis' three evaluations.
-"""
+A model is a per-frame filter: prior -> posterior -> decode -> advance. Training sums the ELBO over frames (thesis
+algorithm 3); `predict` runs the same loop in eval mode (posterior means, no sampling) for the thesis' three
+evaluations."""
 from __future__ import annotations
 
 import math
@@ -12,19 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gopc import stabilizers
 from gopc.config import Config
 
 
-# ---------------------------------------------------------------------------------------------------
-# Gaussians. Heads emit (mu, raw); `logvar` turns raw into a log-variance by the configured law.
-
-def logvar(raw: torch.Tensor, law: str) -> torch.Tensor:
-    if law == "clamped":
-        return raw.clamp(-10.0, 10.0)
-    if law == "softplus":  # std = softplus(raw) + eps: bounded below, grows linearly, never exp-explodes
-        return 2.0 * torch.log(F.softplus(raw) + 1e-4)
-    return raw
-
+# Gaussians. Heads emit (mu, raw); stabilizers.variance turns raw into a log-variance by the configured law.
 
 def sample(mu, lv, stochastic: bool):
     return mu + torch.exp(0.5 * lv) * torch.randn_like(mu) if stochastic else mu
@@ -40,33 +31,16 @@ def kl_std_normal(mu, lv) -> torch.Tensor:
     return 0.5 * (torch.exp(lv) + mu ** 2 - 1.0 - lv)
 
 
-def kl_loss(kl_per_dim: torch.Tensor, free_bits: float) -> torch.Tensor:
-    """Sum over dims, mean over batch; with free bits each dim's batch-mean KL is floored at free_bits."""
-    per_dim = kl_per_dim.mean(0)
-    if free_bits > 0:
-        per_dim = per_dim.clamp(min=free_bits)
-    return per_dim.sum()
-
-
 def recon_per_pixel(logits, x, kind: str) -> torch.Tensor:
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none")
     return (torch.sigmoid(logits) - x) ** 2
 
 
-def reduce_inner(per_elem: torch.Tensor, how: str) -> torch.Tensor:
-    """Inner-loss reduction: sum (the thesis / variational GON) or mean over each sample's elements.
-    The batch is always averaged, as in the reference code, which scales the per-sample step by 1/B."""
-    flat = per_elem.flatten(1)
-    return (flat.sum(1) if how == "sum" else flat.mean(1)).mean()
-
-
-# ---------------------------------------------------------------------------------------------------
 # Networks.
 
 class Decoder(nn.Module):
-    """DCGAN-style transposed convs from a latent to frame logits; ELU and no batch norm, because batch
-    statistics would couple the samples inside the inner gradient step."""
+    """DCGAN-style transposed convs to frame logits; ELU, no batch norm: it would couple the inner step's samples."""
 
     def __init__(self, r_dim: int, ngf: int, frame_size: int):
         super().__init__()
@@ -126,17 +100,15 @@ class LSTMPrior(nn.Module):
         return *self.head(h), new
 
 
-# ---------------------------------------------------------------------------------------------------
 # The gradient-origin step and the frame loop.
 
 class SeqModel(nn.Module):
     """Base of GOPC-1, VAE-1 and GOPC-2. Subclasses define `init_carry`, `prior`, `posterior`, `advance`.
 
-    While a forward pass runs, every inner gradient's norm is appended to `self.watch` as
-    (site, frame, float64 norm): float64, so the norm is finite exactly when every entry is, and the
-    divergence guard can test them all with one device sync. `self.poison` (site -> value) is the test
-    hook that forces a value into the first inner gradient of that site.
-    """
+    While a forward pass runs, every inner gradient's norm is appended to `self.watch` as (site, frame, float64 norm):
+    float64, so the norm is finite exactly when every entry is, and the divergence guard can test them all with one
+    device sync. `self.poison` (site -> value) is the test hook that forces a value into the first inner gradient of
+    that site."""
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -164,8 +136,7 @@ class SeqModel(nn.Module):
 
     # shared machinery ----------------------------------------------------------------------------
     def gradient_step(self, site, t, inner_loss, origin, lr, second_order):
-        """One gradient step from `origin` on `inner_loss`: the GON 'encoder'. With second_order the
-        step stays in the graph (Hessian-vector products in the outer backward)."""
+        """One step from `origin` down `inner_loss`, the GON 'encoder'; second_order keeps it in the graph (HVPs)."""
         create = second_order and torch.is_grad_enabled() and self.training
         # retain_graph: the inner graph shares nodes with the outer loss, which must stay usable.
         (g,) = torch.autograd.grad(inner_loss, origin, create_graph=create, retain_graph=True)
@@ -177,19 +148,19 @@ class SeqModel(nn.Module):
     def gon_posterior(self, head, x_t, mu_p, lv_p, t):
         """Thesis algorithm 2: z0 = 0, decode a first guess, one step down the full inner ELBO."""
         with torch.enable_grad():
-            z0 = torch.zeros(x_t.shape[0], self.cfg.model.r_dim, device=x_t.device, dtype=x_t.dtype,
-                             requires_grad=True)
+            z0 = torch.zeros(x_t.shape[0], self.cfg.model.r_dim, device=x_t.device, dtype=x_t.dtype, requires_grad=True)
             mu0, raw0 = head(z0)
-            lv0 = logvar(raw0, self.s.variance)
+            lv0 = stabilizers.variance(raw0, self.s.variance)
             logits0 = self.decoder(sample(mu0, lv0, self.training))
-            inner = reduce_inner(recon_per_pixel(logits0, x_t, self.cfg.model.recon), self.s.inner_reduction) \
-                + reduce_inner(kl_normal(mu0, lv0, mu_p, lv_p), self.s.inner_reduction)
+            red = self.s.inner_reduction
+            inner = stabilizers.inner_reduction(recon_per_pixel(logits0, x_t, self.cfg.model.recon), red) \
+                + stabilizers.inner_reduction(kl_normal(mu0, lv0, mu_p, lv_p), red)
             g = self.gradient_step("z0_grad", t, inner, z0, self.s.inner_lr_z, self.s.second_order_z)
             z = z0 - self.s.inner_lr_z * g
             if not (self.s.second_order_z and self.training):
                 z = z.detach()  # first-order GON: the step is a constant input to the second pass
         mu, raw = head(z)
-        return mu, logvar(raw, self.s.variance)
+        return mu, stabilizers.variance(raw, self.s.variance)
 
     def forward(self, x, beta: float = 1.0):
         """Training loss: sum over frames of recon + beta * KL, mean over the batch (algorithm 3)."""
@@ -200,9 +171,8 @@ class SeqModel(nn.Module):
             mu_p, lv_p, carry = self.prior(carry, t)
             mu, lv = self.posterior(x[:, t], mu_p, lv_p, t)
             r = sample(mu, lv, self.training)
-            logits = self.decoder(r)
-            recon = recon + recon_per_pixel(logits, x[:, t], self.cfg.model.recon).flatten(1).sum(1).mean()
-            kl = kl + kl_loss(kl_normal(mu, lv, mu_p, lv_p), self.s.free_bits)
+            recon = recon + recon_per_pixel(self.decoder(r), x[:, t], self.cfg.model.recon).flatten(1).sum(1).mean()
+            kl = kl + stabilizers.free_bits(kl_normal(mu, lv, mu_p, lv_p), self.s.free_bits)
             carry = self.advance(carry, r, t)
         loss = recon + beta * kl
         extra = self.extra_loss(carry, beta)
@@ -212,10 +182,9 @@ class SeqModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, x, context: int = 5) -> dict[str, torch.Tensor]:
-        """Frame probabilities for the thesis' evaluations, in eval mode (means, no sampling):
-        posterior (table 3.1), one-step prior decoded before the inference step (table 3.2; NaN at
-        t=0, where there is no prior prediction), and a rollout that sees `context` frames and then
-        runs on the prior alone (figure 3.4)."""
+        """Frame probabilities for the thesis' evaluations, in eval mode (means, no sampling): posterior (table 3.1),
+        one-step prior decoded before the inference step (table 3.2; NaN at t=0, where there is no prior prediction),
+        and a rollout that sees `context` frames and then runs on the prior alone (figure 3.4)."""
         was_training = self.training
         self.eval()
         try:

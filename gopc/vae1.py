@@ -1,10 +1,10 @@
-"""VAE-1 (thesis section 3.4.2): GOPC-1's generative model with a conv encoder that sees the current
-frame only, the thesis' fairest encoder-based comparison."""
+"""VAE-1 (thesis 3.4.2): GOPC-1's generative model, a conv encoder seeing the current frame only (fairest baseline)."""
 from __future__ import annotations
 
+from gopc import stabilizers
 from gopc.config import Config
 from gopc.gopc1 import GOPC1
-from gopc.nn import Encoder, logvar
+from gopc.nn import Encoder
 
 
 class VAE1(GOPC1):
@@ -15,4 +15,4 @@ class VAE1(GOPC1):
 
     def posterior(self, x_t, mu_p, lv_p, t):
         mu, raw = self.encoder(x_t)
-        return mu, logvar(raw, self.s.variance)
+        return mu, stabilizers.variance(raw, self.s.variance)

@@ -1,11 +1,9 @@
 """A training run's MLflow writes, made on a thread of their own, in order, retried while the store fails.
 
-Why a thread: MLflow's SQLite store waits out another writer's lock for 20 s at every write (its
-sessions set `PRAGMA busy_timeout = 20000`), and a server that is away costs its timeout. On the
-training's thread either would stall or kill the training (issue 22, class 3); here the training only
-hands writes over. A write that fails stays first in line and is tried again, after 2 s, doubling up to
-a minute, with one line when the trouble starts and one when it ends.
-"""
+Why a thread: MLflow's SQLite store waits out another writer's lock for 20 s at every write (its sessions set
+`PRAGMA busy_timeout = 20000`), and a server that is away costs its timeout. On the training's thread either would stall
+or kill the training (issue 22, class 3); here the training only hands writes over. A write that fails stays first in
+line and is tried again after 2 s, doubling up to a minute, with a line when the trouble starts and one when it ends."""
 from __future__ import annotations
 
 import collections
@@ -36,9 +34,8 @@ class WriteQueue:
             return len(self._ops)
 
     def drain(self, wait: float, quiet: bool = False) -> bool:
-        """Wait up to `wait` seconds for every write to be made. A line says so only when it must wait: the
-        writes are failing, or still not made after a moment (a healthy database takes milliseconds, and a
-        line at every run's end would only be noise)."""
+        """Wait up to `wait` s for every write. A line says so only when it must wait: the writes fail, or are still
+        queued after a moment (a healthy database takes milliseconds: a line at every run's end would be noise)."""
         with self._cv:
             if not self._ops:
                 return True

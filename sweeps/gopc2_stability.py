@@ -9,7 +9,7 @@ for its settings next to itself first, then in the project the cluster put on ev
 import os
 import sys
 
-from gopc.sweep.run import main
+from gopc.sweep.search import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CANDIDATES = [os.path.join(HERE, "gopc2_stability.yaml"), os.path.expanduser("~/gopc-sweep/sweeps/gopc2_stability.yaml")]

@@ -3,13 +3,12 @@ package, driven by Playwright). Shared by the MLflow UI and optuna-dashboard tes
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import urllib.request
 
 from playwright.sync_api import sync_playwright
 
-from conftest import wait_for
+from conftest import free_port, wait_for
 
 CHROMIUM = "/usr/bin/chromium"  # scripts/ci_system_deps.sh installs it
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -27,9 +26,7 @@ def _answers(url: str) -> bool:
 def served(command, ready: str, cwd, viewport: dict, env=None):
     """Starts `command(port)` in its own process group, waits (90 s at most) until `ready` (a path) answers,
     and yields (base URL, a Chromium page); the browser and the server's whole group are gone after."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(command(port), cwd=cwd, env=env, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -6,6 +6,7 @@ engineer's sweep, even from this checkout's virtualenv, or a second test run), a
 judge."""
 import contextlib
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -66,27 +67,65 @@ def wait_for(predicate, timeout: float, every: float = 0.05):
     return value
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now (the kernel's pick), for a server a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The tiny run the sweep, study, driver and database tests train: what they watch is the driver, Ray and
+# the stores, not the training. A test states only what it changes: tiny(train={"steps": 40}).
+TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
+        "model": {"r_dim": 8, "ngf": 4}, "train": {"steps": 4, "batch_size": 4, "eval_size": 4}}
+
+
+def tiny(**sections: dict) -> dict:
+    """TINY with each of `sections`' fields set (a new dict: TINY itself never changes)."""
+    return {s: {**TINY.get(s, {}), **sections.get(s, {})} for s in [*TINY, *(s for s in sections if s not in TINY)]}
+
+
+def base_sets(run: dict) -> list[str]:
+    """A run config as a sweep's command line: `--set base.SECTION.FIELD=VALUE` for each of its fields."""
+    return [arg for section, fields in run.items() for k, v in fields.items()
+            for arg in ("--set", f"base.{section}.{k}={v}")]
+
+
+def mlflow_rows(db, sql: str, *params, timeout: float = 30) -> list[tuple] | None:
+    """The rows `sql` selects from the MLflow SQLite database `db`, opened read-only (a query writes nothing);
+    None where there is none: no file yet, not SQLite at all (a bad-input test's garbage file), or not
+    MLflow's (an Optuna study, a test's own file, MLflow's tables not made yet)."""
+    if not os.path.isfile(db):
+        return None
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=timeout)) as con:
+        try:
+            tables = {name for (name,) in con.execute("select name from sqlite_master where type = 'table'")}
+        except sqlite3.DatabaseError:
+            return None
+        if not {"experiments", "runs", "metrics", "params", "tags"} <= tables:
+            return None
+        return con.execute(sql, params).fetchall()
+
+
+def mlflow_count(db, sql: str, *params, timeout: float = 5) -> int:
+    """`select count(*) ...` of an MLflow SQLite database, for a wait: 0 before the database or its tables
+    exist, and while a writer holds it past `timeout`."""
+    try:
+        return (mlflow_rows(db, sql, *params, timeout=timeout) or [(0,)])[0][0]
+    except sqlite3.Error:
+        return 0
+
+
 def metric_rows(db, key: str) -> int:
     """How many values of metric `key` an MLflow SQLite database holds (0 before it exists): the driver's
     tracker logs each result at once, so this counts the results it has processed."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as con:
-            return con.execute("select count(*) from metrics where key = ?", (key,)).fetchone()[0]
-    except sqlite3.Error:  # not created yet, or MLflow has not made its tables
-        return 0
+    return mlflow_count(db, "select count(*) from metrics where key = ?", key)
 
 
 def duplicate_metric_rows(db) -> list[tuple]:
     """(run, key, step, count) of every metric step an MLflow database holds more than once."""
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)) as con:
-        try:
-            tables = {name for (name,) in con.execute("select name from sqlite_master where type = 'table'")}
-        except sqlite3.DatabaseError:  # not SQLite at all: a bad-input test's garbage file
-            return []
-        if not {"metrics", "experiments"} <= tables:
-            return []  # not MLflow's (an Optuna study, a test's own file)
-        return con.execute("select run_uuid, key, step, count(*) from metrics group by run_uuid, key, step "
-                           "having count(*) > 1 limit 10").fetchall()
+    return mlflow_rows(db, "select run_uuid, key, step, count(*) from metrics group by run_uuid, key, step "
+                           "having count(*) > 1 limit 10", timeout=60) or []
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +150,7 @@ def smoke(tmp_path_factory):
     import ray
 
     from gopc.sweep import settings as S
-    from gopc.sweep.run import main as sweep_main
+    from gopc.sweep.search import main as sweep_main
     folder = tmp_path_factory.mktemp("sweep")
     cwd = os.getcwd()
     os.chdir(folder)

@@ -57,6 +57,8 @@ from typing import Iterator, Mapping, Optional
 
 import yaml
 
+from conftest import free_port
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCAL_YAML = REPO_ROOT / "cluster" / "local.yaml"
 DEPS_SCRIPT = "scripts/ci_system_deps.sh"
@@ -91,12 +93,6 @@ def require_system_tools() -> None:
         raise HarnessError(
             "the local Ray cluster test needs " + ", ".join(missing)
             + f"; install them with `sudo bash {DEPS_SCRIPT}` (Debian/Ubuntu)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_cli() -> str:

@@ -26,7 +26,7 @@ def new_study(argv) -> int:
 def main() -> None:
     control, name, prog, *argv = sys.argv[1:]
     from gopc.cli import main as gopc
-    from gopc.sweep.run import main as sweep
+    from gopc.sweep.search import main as sweep
     command = {"gopc": gopc, "sweep": sweep, "study": new_study}[prog]
     for folder in sorted((Path(control) / "work").iterdir()):
         signals = Path(control) / folder.name

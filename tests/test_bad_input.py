@@ -8,8 +8,8 @@ the first fragment is the field). One parametrized test runs every row and check
   * CLI rows (`gopc ...` through gopc.cli.main, the sweep entry through gopc.sweep.run.main), run in a
     fresh temp working dir: exit code 2, exactly one line on stderr (`PROG: error: ...`), nothing on
     stdout, the folder's recursive listing unchanged, every file's size and modification time included
-    (no run folder, no mlflow.db, no sweep_results, nothing overwritten), and no new MLflow run in any
-    SQLite database of the folder;
+    (no run folder, no mlflow.db, no sweep_results, nothing overwritten), and no MLflow run that appeared,
+    vanished or changed (its row, tags, params, metrics) in any SQLite database of the folder;
   * function rows: the expected exception type, its message on one line.
 docs/bad_input.md shows the same table with the messages these rows produce.
 """
@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import mlflow_rows
 from dbfaults import cut, damage, read_only, real_db
 from gopc.errors import ConfigError, GopcError
 
@@ -296,7 +297,7 @@ class Outcome:
     code: int | None = None  # CLI exit code
     exc: type | None = None  # function rows: the exception raised
     changed: set = field(default_factory=set)  # CLI rows: paths that appeared, vanished or were rewritten
-    new_runs: int = 0  # CLI rows: MLflow runs that appeared
+    runs_changed: set = field(default_factory=set)  # CLI rows: MLflow run rows that appeared, vanished or changed
 
 
 def _write(tmp: Path, files: dict) -> None:
@@ -315,16 +316,19 @@ def listing(tmp: Path) -> set[str]:
             for p in tmp.rglob("*")}
 
 
-def mlflow_runs(tmp: Path) -> int:
-    """Runs in the MLflow SQLite databases of the folder (read-only: counting writes nothing)."""
-    total = 0
+def mlflow_runs(tmp: Path) -> set[tuple]:
+    """What the MLflow SQLite databases of the folder say of their runs: each row of their runs, tags,
+    params and metrics tables, with its database and table (read-only: reading writes nothing). A run
+    that appears or vanishes changes it, and so does one rewritten in place (its status, its end time)."""
+    rows = set()
     for path in tmp.rglob("*.db"):
-        try:
-            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-                total += db.execute("select count(*) from runs").fetchone()[0]
-        except sqlite3.DatabaseError:  # not a database, or not MLflow's
-            continue
-    return total
+        for table in ("runs", "tags", "params", "metrics"):
+            try:
+                found = mlflow_rows(path, f"select * from {table}", timeout=5) or []
+            except sqlite3.DatabaseError:  # held by a row's writer, or damaged past its table list
+                found = []
+            rows |= {(str(path.relative_to(tmp)), table, *row) for row in found}
+    return rows
 
 
 @dataclass
@@ -350,7 +354,7 @@ class Cli:
         elif self.prog == "gopc2_study":
             from gopc.sweep.study import main
         else:
-            from gopc.sweep.run import main
+            from gopc.sweep.search import main
         before, runs_before = listing(tmp), mlflow_runs(tmp)
         out, err = io.StringIO(), io.StringIO()
         try:
@@ -364,7 +368,7 @@ class Cli:
                 cleanup()
         lines = err.getvalue().strip().splitlines() + out.getvalue().strip().splitlines()
         return Outcome(message=lines[0] if lines else "", lines=len(lines), code=code,
-                       changed=listing(tmp) ^ before, new_runs=mlflow_runs(tmp) - runs_before)
+                       changed=listing(tmp) ^ before, runs_changed=mlflow_runs(tmp) ^ runs_before)
 
 
 @dataclass
@@ -886,7 +890,7 @@ def test_bad_input_gets_one_line_naming_the_field_and_leaves_nothing(row, tmp_pa
         assert out.lines == 1, out  # one line in all, usage text and stdout included
         assert out.message.startswith(f"{row.how.prog}: error: "), out
         assert not out.changed, f"{row.id} left {sorted(out.changed)} behind"
-        assert out.new_runs == 0, f"{row.id} left {out.new_runs} MLflow run(s) behind"
+        assert not out.runs_changed, f"{row.id} wrote MLflow runs: {sorted(out.runs_changed, key=str)[:5]}"
     else:
         expected = row.exc if isinstance(row.exc, type) else row.exc()
         assert out.exc is not None and issubclass(out.exc, expected), out

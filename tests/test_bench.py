@@ -68,7 +68,15 @@ def test_overhead_prints_every_variant_against_the_bare_loop():
     for variant in ("bare Ray Tune \\+ Optuna", "service", "service, no validation", "service, no grids",
                     "service, no checkpoint", "service, no MLflow", "service, none of the four"):
         assert re.search(rf"^{variant}\s+4(\s+[\d.]+){{7}}$", out, re.M), variant
-    assert re.search(r"^service overhead: -?[\d.]+% fewer steps/s than the bare loop \((within|over) the 10% target\); -?[\d.]+% fewer steps per CPU second$", out, re.M)
+    line = re.search(r"^service overhead: (-?[\d.]+)% fewer steps/s than the bare loop \((within|over) the 10% target\); "
+                     r"(-?[\d.]+)% fewer steps per CPU second$", out, re.M)
+    assert line, out
+    # the summary is the service row's ratios to the bare loop (3 decimals, the percentages 1): no speed asserted
+    (service,) = [row.split() for row in out.splitlines() if re.match(r"service\s+4\s", row)]
+    slower, cpu_slower = float(line[1]), float(line[3])
+    assert slower == pytest.approx(100 * (1 - float(service[5])), abs=0.11), (line[0], service)
+    assert cpu_slower == pytest.approx(100 * (1 - float(service[7])), abs=0.11), (line[0], service)
+    assert line[2] == ("within" if slower <= 10 else "over") or abs(slower - 10) < 0.11, line[0]
 
 
 def test_search_efficiency_prints_each_searcher():
@@ -77,7 +85,14 @@ def test_search_efficiency_prints_each_searcher():
         (row,) = [line for line in out.splitlines() if line.split()[:2] == ["0", name]]
         assert re.search(r"\s[lcdse]{3}\s+\{'", row), row  # three trials, each with an outcome, then Optuna's states
         assert len(rows(out, name)) == 1  # its summary line
-    assert re.search(r"^trials to the first learned config, service / random: [\d.]+ \((meets|misses) the target", out, re.M)
+    line = re.search(r"^trials to the first learned config, service / random: ([\d.]+) \((meets|misses) the target of 0.5\)$",
+                     out, re.M)
+    assert line, out
+    # the ratio of the summary rows' means (1 decimal each): no efficiency asserted, only the arithmetic and the word
+    mean = {name: float(rows(out, name)[0].split()[1]) for name in ("service", "random")}
+    ratio = float(line[1])
+    assert ratio == pytest.approx(mean["service"] / mean["random"], rel=0.1, abs=0.01), (line[0], mean)
+    assert line[2] == ("meets" if ratio <= 0.5 else "misses"), line[0]
 
 
 def test_packing_prints_a_row_per_pack_with_each_trials_peak_memory():

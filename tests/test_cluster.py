@@ -9,10 +9,12 @@ slow test: `pytest -m "not cluster"`. It needs openssh-server, rsync and netcat:
 from __future__ import annotations
 
 import copy
+import re
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -46,21 +48,29 @@ def test_committed_cluster_yaml_validates(path):
 
 
 def test_gpu_yaml_shape():
+    """cluster/gpu.yaml against what it must agree with: the project's pins, the sweeps' settings, itself."""
     cfg = _load(GPU_YAML)
     types = cfg["available_node_types"]
     head, worker = types[cfg["head_node_type"]], types["gpu_worker"]
-    assert head["resources"] == {"CPU": 8, "GPU": 0}
-    assert worker["resources"] == {"CPU": 4, "GPU": 1}
-    assert (worker["min_workers"], worker["max_workers"]) == (0, 8)
-    assert worker["node_config"]["InstanceMarketOptions"] == {"MarketType": "spot"}
-    assert cfg["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
-    assert cfg["file_mounts"]["~/gopc-sweep"] == "."
-    assert any("pip install" in c and "-e ~/gopc-sweep" in c for c in cfg["setup_commands"])
+    sweep = _load(REPO_ROOT / "sweeps" / "gopc2_stability.yaml")
+    assert 0 < sweep["resources"]["gpu"] and head["resources"]["GPU"] < sweep["resources"]["gpu"]  # no trial on the head
+    assert worker["min_workers"] == 0 and 0 < worker["max_workers"] <= cfg["max_workers"]  # idle: no GPU paid for
+    spot = worker["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"
+    assert not spot or sweep["max_failures"] > 0  # a reclaimed spot node's trial is retried from its checkpoint
+    # the image runs the Ray the project pins, on a Python the project supports
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    (ray_pin,) = [d.split("==")[1] for d in project["dependencies"] if d.startswith("ray[")]
+    tag = re.fullmatch(r"rayproject/ray:(?P<ray>[\d.]+)-py3(?P<minor>\d+)-gpu", cfg["docker"]["image"])
+    assert tag and tag["ray"] == ray_pin, cfg["docker"]["image"]
+    assert int(tag["minor"]) >= int(project["requires-python"].removeprefix(">=3."))
+    # what is synced from the checkout (".") is what every node installs
+    (synced,) = [dst for dst, src in cfg["file_mounts"].items() if src == "."]
+    assert any("pip install" in c and f"-e {synced}" in c for c in cfg["setup_commands"])
     head_cmds = "\n".join(cfg["head_setup_commands"] + cfg["head_start_ray_commands"])
-    assert "mlflow server --host 127.0.0.1 --port 5000" in head_cmds
+    port = re.search(r"mlflow server --host 127\.0\.0\.1 --port (\d+)", head_cmds)[1]  # loopback only
+    assert f"GOPC_TRACKING_URI=http://127.0.0.1:{port}\\n" in head_cmds  # the sweep logs to that server
     assert "setsid nohup" in head_cmds
-    for var in ("GOPC_STORAGE=s3://", "GOPC_TRACKING_URI=http://127.0.0.1:5000"):
-        assert var in head_cmds
+    assert "GOPC_STORAGE=s3://" in head_cmds  # storage every node reaches
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     text = GPU_YAML.read_text()

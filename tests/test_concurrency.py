@@ -2,18 +2,15 @@
 database yet, and two drivers of one sweep."""
 import contextlib
 import os
-import sqlite3
 import subprocess
 import sys
 
 import yaml
 
-from conftest import ROOT, SWEEP_YAML, wait_for
+from conftest import ROOT, SWEEP_YAML, TINY, base_sets, mlflow_rows, wait_for
 
-TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
-        "model": {"r_dim": 8, "ngf": 4}, "train": {"steps": 4, "batch_size": 4, "eval_size": 4}}
-SWEEP = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "num_samples=1", "--set", "scheduler.type=fifo"] + [
-    arg for section, fields in TINY.items() for k, v in fields.items() for arg in ("--set", f"base.{section}.{k}={v}")]
+SWEEP = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "num_samples=1", "--set", "scheduler.type=fifo"] + \
+    base_sets(TINY)
 ROUNDS = 10
 
 
@@ -56,8 +53,8 @@ def test_two_trains_and_two_sweeps_started_at_one_instant_in_an_empty_folder_all
         assert sorted(outcomes[i, n][0] for n in ("sweep-a", "sweep-b")) == [0, 2], i
         assert outcomes[i, "train-a"][0] == outcomes[i, "train-b"][0] == 0, i
     for i in range(ROUNDS):
-        with contextlib.closing(sqlite3.connect(control / "work" / f"{i:02}" / "mlflow.db")) as db:
-            statuses = [s for (s,) in db.execute("select status from runs")]
+        db = control / "work" / f"{i:02}" / "mlflow.db"
+        statuses = [s for (s,) in mlflow_rows(db, "select status from runs") or []]
         assert statuses == ["FINISHED"] * 4, (i, statuses)  # two trains, the sweep's parent and its trial
 
 
@@ -65,7 +62,8 @@ def test_a_second_driver_of_a_running_sweep_is_refused_in_one_line_naming_its_pi
     """A sweep is held by one driver at a time: a second start, or a --resume, while it runs would share
     its Tune state, Optuna study and MLflow parent. Both are refused before anything is written."""
     from gopc.sweep import settings
-    from gopc.sweep.run import SWEEP as KIND, main, one_driver
+    from gopc.sweep.run import one_driver
+    from gopc.sweep.search import SWEEP as KIND, main
     monkeypatch.chdir(tmp_path)
     with one_driver(settings.load(SWEEP_YAML, "smoke", [a for a in SWEEP if "=" in a]), KIND):  # this process: the running driver
         for extra in ([], ["--resume"]):

@@ -16,13 +16,11 @@ import ray
 import torch
 import yaml
 
-from conftest import SWEEP_YAML, wait_for
+from conftest import SWEEP_YAML, mlflow_rows, tiny, wait_for
 from dbfaults import SWEEP, Writer, damage, read_only, real_db
 from test_bad_input import listing
 
-TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
-        "model": {"r_dim": 8, "ngf": 4},
-        "train": {"steps": 6, "batch_size": 4, "eval_size": 4, "log_every": 1, "ckpt_every": 4}}
+TINY = tiny(train={"steps": 6, "log_every": 1, "ckpt_every": 4})
 
 
 class Tee(io.StringIO):
@@ -39,27 +37,26 @@ class Tee(io.StringIO):
 
 
 def statuses(db) -> list[str]:
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)) as con:
-        return [s for (s,) in con.execute("select status from runs")]
+    return [s for (s,) in mlflow_rows(db, "select status from runs")]
 
 
 def test_a_writer_holding_mlflow_db_during_gopc_train_neither_stops_nor_loses_the_run(tmp_path, monkeypatch):
     """Another writer takes mlflow.db (BEGIN EXCLUSIVE) at step 2 and keeps it until the run has written its
     checkpoint of step 4, which it can only do if the held database does not stop the training. Once the
     lock is gone, every step's metrics, the checkpoint and the model are in MLflow, the run FINISHED."""
-    import gopc.tracking
+    import gopc.run_tracking
     from gopc.cli import main
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
     writer = Writer(real_db("mlflow", tmp_path / "mlflow.db"))  # made once per session: no migration here
 
-    class HeldAtStep2(gopc.tracking.MlflowHooks):  # only synchronises: the lock is taken before step 2 logs
+    class HeldAtStep2(gopc.run_tracking.MlflowHooks):  # only synchronises: the lock is taken before step 2 logs
         def metrics(self, step, metrics, checkpoint):
             if step == 2:
                 writer.hold()
             super().metrics(step, metrics, checkpoint)
 
-    monkeypatch.setattr(gopc.tracking, "MlflowHooks", HeldAtStep2)
+    monkeypatch.setattr(gopc.run_tracking, "MlflowHooks", HeldAtStep2)
     checkpoint = tmp_path / "r" / "checkpoint.pt"
     released = threading.Thread(target=lambda: (wait_for(checkpoint.exists, 300), writer.release()), daemon=True)
     released.start()  # the first checkpoint is written at step 4, while the writer still holds mlflow.db
@@ -114,7 +111,7 @@ def test_a_database_held_past_the_wait_stops_the_start_in_one_line_and_writes_no
     """GOPC_BUSY_WAIT (here 1 s) bounds the wait for another writer at a command's start: `gopc train` on a
     held mlflow.db, a sweep on a held optuna.db. One line says it waits, one line says it stopped."""
     from gopc.cli import main as gopc
-    from gopc.sweep.run import main as sweep
+    from gopc.sweep.search import main as sweep
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GOPC_BUSY_WAIT", "1")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(TINY))
@@ -165,7 +162,7 @@ def test_a_damaged_optuna_db_stops_resume_in_one_line_and_the_restored_one_resum
     --resume is refused in one line and nothing changes (the parent run is not set RUNNING). Restored
     from the copy, and held by another writer, --resume says it waits, goes on once the writer lets go,
     and finishes: the parent FINISHED."""
-    from gopc.sweep.run import main
+    from gopc.sweep.search import main
     folder = smoke[0]
     for name in ("sweep_results", "mlruns", "optuna-artifacts"):
         if (folder / name).exists():

@@ -4,8 +4,6 @@ going away, trials that raise or run out of memory, and corrupt input data."""
 import json
 import os
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,10 +16,10 @@ import ray
 import torch
 import yaml
 
-from conftest import metric_rows, wait_for
+from conftest import base_sets, free_port, metric_rows, mlflow_count, tiny, wait_for
 from gopc import config as C
 from gopc.errors import DataError
-from gopc.sweep.run import main as sweep_main
+from gopc.sweep.search import main as sweep_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
@@ -29,16 +27,8 @@ SWEEP_PY = os.path.join(ROOT, "sweeps", "gopc2_stability.py")
 TERMINAL = {"learned", "collapsed", "diverged", "stopped early", "errored"}
 SMOKE = ["--config", SWEEP_YAML, "--preset", "smoke", "--set", "start_points=[{stab.out_act: sigmoid}]"]
 # trials of 40 tiny steps: what these tests watch is the driver, Ray and the stores, not the training
-TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
-        "model": {"r_dim": 8, "ngf": 4}, "train": {"steps": 40, "batch_size": 4, "eval_size": 4}}
-TINY_SETS = [arg for section, fields in TINY.items() for k, v in fields.items() for arg in ("--set", f"base.{section}.{k}={v}")]
+TINY_SETS = base_sets(tiny(train={"steps": 40}))
 FAST = SMOKE + TINY_SETS
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def children(uri: str, experiment="gopc2_stability"):
@@ -165,12 +155,8 @@ def sweep_in(folder, args, monkeypatch) -> int:
 
 def finished_trials(db) -> int:
     """Trial runs an MLflow database (SQLite file or a server's) holds with a final status."""
-    try:
-        with sqlite3.connect(db, timeout=1) as con:
-            return con.execute("select count(*) from tags where key='status' and value in "
-                               "('learned','collapsed','diverged','stopped early')").fetchone()[0]
-    except sqlite3.Error:  # not created yet
-        return 0
+    return mlflow_count(db, "select count(*) from tags where key='status' and value in "
+                            "('learned','collapsed','diverged','stopped early')", timeout=1)
 
 
 @pytest.mark.parametrize("moment", ["before-first-result", "between-trials", "while-writing-the-summary"])

@@ -22,7 +22,7 @@ from test_faults import FAST, SWEEP_PY, children
 from test_signals import TINY
 
 from gopc.cli import main as gopc_main
-from gopc.sweep.run import main as sweep_main
+from gopc.sweep.search import main as sweep_main
 from gopc.sweep.snapshot import GOOD, whole
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
@@ -107,7 +107,7 @@ def test_sweep_whose_storage_fills_stops_in_one_line_and_resumes(tmp_path, disk,
     still waiting in tune.report then, so its next checkpoint is the first write to find no space. Tune
     also cannot save that result's experiment state whole: it is ten times the size of the one it replaces
     (no result in it yet), which the filled disk gave back; --resume puts back the good copy kept of it."""
-    from gopc.sweep.tracking import SweepTracker
+    from gopc.sweep.trial_tracking import SweepTracker
     experiment = disk / "sweep_results" / "gopc2_stability"
     args = FAST + ["--set", "num_samples=1", "--set", f"storage={disk}/sweep_results"]
     monkeypatch.chdir(tmp_path)  # mlflow.db, optuna.db and the queued MLflow writes here, off the tmpfs

@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 
 from browser import DOCS, served
 from gopc.sweep.parent_run import view_link
-from gopc.sweep.tracking import RUN_STATUS
+from gopc.outcome import MLFLOW_STATUS
 
 GREEN, RED = "rgb(39, 124, 67)", "rgb(200, 45, 76)"  # MLflow 3.17's finished / failed-or-killed icons
 
@@ -62,7 +62,7 @@ def test_each_trial_shows_its_outcome_by_its_icon(ui):
     for run in trials:
         icon = page.locator(f'.ag-row[row-id="{run.info.run_id}"] [col-id=runDateAndNestInfo] .anticon').first
         color = icon.evaluate("e => getComputedStyle(e).color")
-        assert color == (GREEN if RUN_STATUS[run.data.tags["status"]] == "FINISHED" else RED), run.data.tags["status"]
+        assert color == (GREEN if MLFLOW_STATUS[run.data.tags["status"]] == "FINISHED" else RED), run.data.tags["status"]
     assert {"diverged"} <= {r.data.tags["status"] for r in trials}  # a failed icon was among them
 
 

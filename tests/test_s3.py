@@ -5,7 +5,6 @@ killed mid-sweep and resumed; the summary, the best config, `gopc best` and the 
 come out as they do on local storage."""
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import optuna
 import pytest
 from moto.server import ThreadedMotoServer
 
-from conftest import metric_rows, wait_for
+from conftest import free_port, metric_rows, wait_for
 from gopc.cli import main as gopc_main
 from gopc.sweep.recovery import load_trials
 
@@ -31,9 +30,7 @@ TERMINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, op
 
 @pytest.fixture(scope="module")
 def s3():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",

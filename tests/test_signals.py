@@ -17,15 +17,12 @@ import mlflow
 import torch
 import yaml
 
+from conftest import tiny
 from gopc.cli import main
 
-TINY = {
-    "data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4,
-             "speed_min": 1.0, "speed_max": 2.0},
-    "model": {"kind": "gopc1", "r_dim": 8, "lstm_dim": 8, "ngf": 4},
-    # checkpoints every 5 steps: the signals below land between them, so only the signal can save there
-    "train": {"steps": 12, "batch_size": 4, "log_every": 1, "ckpt_every": 5, "eval_size": 4},
-}
+TINY = tiny(data={"speed_min": 1.0, "speed_max": 2.0}, model={"kind": "gopc1", "lstm_dim": 8},
+            # checkpoints every 5 steps: the signals below land between them, so only the signal can save there
+            train={"steps": 12, "log_every": 1, "ckpt_every": 5})
 
 
 def start(cwd, *argv) -> subprocess.Popen:

@@ -9,17 +9,17 @@ import ray
 import torch
 import yaml
 
+from conftest import tiny
 from gopc import config as C
-from gopc.evaluate import outcome
-from gopc.metrics import frame_metrics, last_frame_prediction, skill, summarise
+from gopc.outcome import classify
+from gopc.metrics import frame_metrics, last_frame_prediction, mean_and_std, skill
+from gopc.stabilizers import STAYS_FINITE
 from gopc.sweep.study import main as study_main
 from gopc.train import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY_YAML = os.path.join(ROOT, "sweeps", "gopc2_study.yaml")
-TINY = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 32, "n_val": 4, "n_test": 4},
-        "model": {"r_dim": 8, "ngf": 4, "lstm_dim": 16, "rh_dim": 4, "hyper_hidden": 8},
-        "train": {"steps": 20, "batch_size": 4, "eval_size": 4}}
+TINY = tiny(model={"lstm_dim": 16, "rh_dim": 4, "hyper_hidden": 8}, train={"steps": 20})
 
 
 def test_copy_last_frame_matches_a_hand_computation():
@@ -29,10 +29,10 @@ def test_copy_last_frame_matches_a_hand_computation():
     one_step = last_frame_prediction(x, 1)  # frame t predicted by frame t-1
     assert torch.equal(one_step, x[:, :3])
     # each predicted frame has two wrong pixels out of 121: MSE 2/121 per frame
-    assert summarise(frame_metrics(one_step, x[:, 1:]))["mse"] == pytest.approx(2 / 121)
+    assert mean_and_std(frame_metrics(one_step, x[:, 1:]))["mse"] == pytest.approx(2 / 121)
     rollout = last_frame_prediction(x, 2, context=2)  # after 2 context frames: frame 1 repeated
     assert torch.equal(rollout, x[:, [1, 1]])
-    assert summarise(frame_metrics(rollout, x[:, 2:]))["mse"] == pytest.approx(2 / 121)
+    assert mean_and_std(frame_metrics(rollout, x[:, 2:]))["mse"] == pytest.approx(2 / 121)
     # the blank frame misses one pixel per frame: 1/121, better than the copy here, so it is the reference
     assert skill("mse", 0.5 / 121, 1 / 121, 2 / 121) == pytest.approx(0.5)
     assert skill("mse", 3 / 121, 1 / 121, 2 / 121) == pytest.approx(-2.0)
@@ -58,7 +58,7 @@ def test_a_model_that_learns_is_learned_and_one_that_cannot_is_collapsed(tmp_pat
     assert frozen.outcome == "collapsed" and frozen.eval["prior/skill_mse"] < 0
     for section in ("prior", "rollout"):  # an untrained model is worse than the blank and last frame alike
         assert frozen.eval[f"{section}/mse"] > max(frozen.eval[f"{section}/blank_mse"], frozen.eval[f"{section}/last_mse"])
-    assert outcome({"prior/skill_mse": 0.1}, 0.1) == "learned" and outcome({"prior/skill_mse": float("nan")}, 0.1) == "collapsed"
+    assert classify({"prior/skill_mse": 0.1}, 0.1) == "learned" and classify({"prior/skill_mse": float("nan")}, 0.1) == "collapsed"
 
 
 @pytest.mark.parametrize("skills, word, peak_step", [
@@ -76,7 +76,7 @@ def test_a_run_that_learned_then_unlearned_is_degraded_with_its_peak(tmp_path, s
     for i, s in enumerate(skills):
         metrics = {"prior/skill_mse": s}
         add_validation(str(tmp_path), history, 100 * (i + 1), metrics)
-    assert outcome(metrics, 0.1) == word and metrics["prior/peak_step"] == peak_step
+    assert classify(metrics, 0.1) == word and metrics["prior/peak_step"] == peak_step
     assert outcome_line(metrics, 0.1).startswith(f"outcome: {word}: ")
     if word == "degraded":
         assert f"peaked at {metrics['prior/peak_skill_mse']:+.0%} at step {peak_step}, then fell" in outcome_line(metrics, 0.1)
@@ -86,17 +86,18 @@ def test_a_run_that_learned_then_unlearned_is_degraded_with_its_peak(tmp_path, s
 
 def test_a_sweep_trial_that_degraded_is_told_apart_from_learned_and_collapsed():
     """What the searcher, the summary and `gopc best` read: the trial's last report."""
-    from gopc.sweep.searcher import COMPLETED, trial_status
+    from gopc.outcome import TRAINED, of_trial
     done = {"step": 600, "diverged": 0.0}
-    assert trial_status({**done, "learned": 0.0, "degraded": 1.0}, False, 600) == "degraded"
-    assert trial_status({**done, "learned": 1.0, "degraded": 0.0}, False, 600) == "learned"
-    assert trial_status({**done, "learned": 0.0, "degraded": 0.0}, False, 600) == "collapsed"
-    assert COMPLETED == ("learned", "degraded", "collapsed")  # gopc best ranks in this order
+    assert of_trial({**done, "learned": 0.0, "degraded": 1.0}, False, 600) == "degraded"
+    assert of_trial({**done, "learned": 1.0, "degraded": 0.0}, False, 600) == "learned"
+    assert of_trial({**done, "learned": 0.0, "degraded": 0.0}, False, 600) == "collapsed"
+    assert TRAINED == ("learned", "degraded", "collapsed")  # gopc best ranks in this order
 
 
 def write_study(tmp_path, arms, **extra):
+    stays_finite = {k.removeprefix("stab."): v for k, v in STAYS_FINITE.items()}
     gopc2 = {**TINY, "model": {**TINY["model"], "kind": "gopc2"},
-             "stab": {"out_act": "sigmoid", "inner_lr_h": 0.1}, "train": {**TINY["train"], "inject": "loss@7,seed=1"}}
+             "stab": stays_finite, "train": {**TINY["train"], "inject": "loss@7,seed=1"}}
     (tmp_path / "gopc2.yaml").write_text(yaml.safe_dump(gopc2))
     raw = {"name": "tiny_study", "seeds": [0, 1], "report_every": 10, "max_concurrent": 2,
            "resources": {"cpu": 1, "gpu": 0}, "base": TINY, "arms": arms, **extra}

@@ -11,10 +11,10 @@ import yaml
 from gopc.cli import main as gopc_main
 from gopc.errors import ConfigError
 from gopc.sweep import settings as S
-from gopc.sweep.run import main as sweep_main
+from gopc.sweep.search import main as sweep_main
 from gopc.sweep.searcher import DivergenceAwareOptunaSearch
 from gopc.sweep.space import SearchSpace
-from gopc.sweep.tracking import RUN_STATUS
+from gopc.outcome import MLFLOW_STATUS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEP_YAML = os.path.join(ROOT, "sweeps", "gopc2_stability.yaml")
@@ -33,23 +33,26 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
     assert len(children) == 6 and len({c.data.tags["trial_id"] for c in children}) == 6
     statuses = [c.data.tags["status"] for c in children]
     assert set(statuses) <= TERMINAL and "diverged" in statuses and {"learned", "collapsed"} & set(statuses)
+    trained = [c for c in children if "train/loss" in c.data.metrics]  # not one that diverged at step 0
+    validated = [c for c in children if "val/prior/mse" in c.data.metrics]
+    assert trained and validated
+    for child in trained:  # for choosing resources.gpu: what a trial's process held at most
+        assert 50 < child.data.metrics["train/peak_mem_mb"] < 20_000
+    for child in validated:  # its grids at each validation, for the Image grid
+        images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
+        validations = client.get_metric_history(child.info.run_id, "val/prior/mse")
+        for key in ("predictions~inference", "predictions~rollout"):
+            steps = {int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith(f"images/{key}+")}
+            assert steps == {m.step for m in validations}, (key, steps)
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert child.data.params["model.kind"] == "gopc2" and "stab.out_act" in child.data.params
         status = child.data.tags["status"]
-        assert child.info.status == RUN_STATUS[status], (status, child.info.status)  # the UI's icon
+        assert child.info.status == MLFLOW_STATUS[status], (status, child.info.status)  # the UI's icon
         assert f"out_act={child.data.params['stab.out_act']}" in child.info.run_name  # named by its values
         assert "objective" not in child.data.metrics  # one name: val/prior/mse; never the penalty
         for key in child.data.metrics:
             assert settings.penalty not in [m.value for m in client.get_metric_history(child.info.run_id, key)], key
-        if "train/loss" in child.data.metrics:  # for choosing resources.gpu: what a trial's process held at most
-            assert 50 < child.data.metrics["train/peak_mem_mb"] < 20_000
-        if "val/prior/mse" in child.data.metrics:  # validated: its grids at each validation, for the Image grid
-            images = [a.path for a in client.list_artifacts(child.info.run_id, "images")]
-            validations = client.get_metric_history(child.info.run_id, "val/prior/mse")
-            for key in ("predictions~inference", "predictions~rollout"):
-                steps = {int(p.split("+step+")[1].split("+")[0]) for p in images if p.startswith(f"images/{key}+")}
-                assert steps == {m.step for m in validations}, (key, steps)
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert "config.yaml" in artifacts
         if child.data.tags["status"] in ("learned", "collapsed", "stopped early"):  # stopped ones show their last grids
@@ -61,9 +64,9 @@ def test_mlflow_holds_one_parent_and_a_complete_child_per_trial(smoke):
             step = int(child.data.tags["diverged_step"])
             assert child.data.metrics["diverged_step"] == step and child.data.metrics["diverged"] == 1
             assert "max_grad_norm_before" in child.data.metrics
-            if step > 0:  # the blow-up's approach: the loss of the last finite step, logged at the divergence
-                losses = client.get_metric_history(child.info.run_id, "train/loss")
-                assert max(m.step for m in losses) == step
+            # the blow-up's approach: the loss of the last finite step, logged at the divergence (none at step 0)
+            losses = client.get_metric_history(child.info.run_id, "train/loss")
+            assert max((m.step for m in losses), default=0) == step
     assert parent.data.tags["best_run_id"] in {c.info.run_id for c in children}
     best = next(c for c in children if c.info.run_id == parent.data.tags["best_run_id"])
     assert best.data.tags["trial_id"] == parent.data.tags["best_trial"]
@@ -85,10 +88,11 @@ def test_diverged_trials_end_in_the_step_their_guard_fired(smoke):
     for df in diverged:
         assert (df["diverged"].iloc[:-1] == 0).all()  # nothing was reported after the divergence
         assert df["step"].iloc[-1] == df["diverged_step"].iloc[-1]
-    for child in runs_of(client, "trial"):
-        if child.data.tags["status"] == "diverged":
-            history = client.get_metric_history(child.info.run_id, "diverged")
-            assert max(m.step for m in history) == int(child.data.tags["diverged_step"])
+    runs = [c for c in runs_of(client, "trial") if c.data.tags["status"] == "diverged"]
+    assert {c.data.tags["trial_id"] for c in runs} == {df["trial_id"].iloc[-1] for df in diverged}  # Tune's, MLflow's
+    for child in runs:
+        history = client.get_metric_history(child.info.run_id, "diverged")
+        assert max(m.step for m in history) == int(child.data.tags["diverged_step"])
 
 
 def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasible(smoke):
@@ -96,11 +100,13 @@ def test_the_optuna_study_holds_no_running_trial_and_marks_diverged_ones_infeasi
     study = optuna.load_study(study_name="gopc2_stability", storage=f"sqlite:///{folder}/optuna.db")  # the default
     states = [t.state for t in study.trials]
     assert len(states) == 6 and optuna.trial.TrialState.RUNNING not in states
-    for t in study.trials:
-        if t.user_attrs.get("diverged"):
-            assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["diverged"] > 0
-        elif t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.constraints["diverged"] == 0 and t.value < 1
+    diverged = [t for t in study.trials if t.user_attrs.get("diverged")]
+    finite = [t for t in study.trials if not t.user_attrs.get("diverged") and t.state == optuna.trial.TrialState.COMPLETE]
+    assert diverged and finite  # the sweep has both (test_mlflow_holds_one_parent_and_a_complete_child_per_trial)
+    for t in diverged:
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.constraints["diverged"] > 0
+    for t in finite:
+        assert t.constraints["diverged"] == 0 and t.value < 1
 
 
 def test_every_value_in_the_study_is_a_real_validation_named_and_noted(smoke):
@@ -130,6 +136,7 @@ def test_every_value_in_the_study_is_a_real_validation_named_and_noted(smoke):
         else:
             assert "| prior MSE" in note and [k for k in t.system_attrs if k.startswith("artifacts:")]  # its grids
     counts = {s: sum(t.user_attrs["status"] == s for t in study.trials) for s in TERMINAL}
+    assert counts["diverged"] and sum(counts.values()) > counts["diverged"]  # both kinds of note were read
     note = get_note(study)
     assert "`prior/mse`" in note and f"**{len(study.trials)} trials finished**" in note
     assert all(f"{n} {s}" in note for s, n in counts.items() if n)

@@ -11,6 +11,7 @@ import yaml
 
 from gopc import config as C
 from gopc.cli import main
+from gopc.stabilizers import STAYS_FINITE
 from gopc.train import train
 
 TINY = {
@@ -19,12 +20,13 @@ TINY = {
     "model": {"kind": "gopc1", "r_dim": 16, "lstm_dim": 32, "ngf": 8},
     "train": {"steps": 200, "batch_size": 16, "lr": 0.003, "log_every": 20, "ckpt_every": 50, "eval_size": 32},
 }
-# A GOPC-2 that stays finite (sigmoid on the transition output, the thesis' partial fix), so that only
-# the injected value can trip the guard.
+# A GOPC-2 that stays finite (gopc/stabilizers.py's STAYS_FINITE), so that only the injected value can
+# trip the guard.
 STABLE_GOPC2 = [
     "model.kind=gopc2", "data.frame_size=32", "data.seq_len=6", "data.n_train=64", "data.n_val=8",
     "data.n_test=8", "model.r_dim=16", "model.ngf=8", "model.hyper_hidden=16", "train.batch_size=8",
-    "train.steps=6", "train.ckpt_every=2", "train.log_every=1", "train.eval_size=8", "stab.out_act=sigmoid",
+    "train.steps=6", "train.ckpt_every=2", "train.log_every=1", "train.eval_size=8",
+    *(f"{k}={v}" for k, v in STAYS_FINITE.items()),
 ]
 
 
@@ -186,7 +188,7 @@ def test_the_registered_model_loads_and_scores_as_its_checkpoint(tmp_path, monke
 
     from gopc.data import build_datasets, to_float
     from gopc.models import build_model
-    from gopc.train import load_checkpoint
+    from gopc.checkpoint import load_checkpoint
     monkeypatch.chdir(tmp_path)
     cfg_path = write_yaml(tmp_path / "run.yaml", TINY)
     assert main(["train", "--config", cfg_path, "--out", "r", "--quiet", "--set", "train.steps=30",
@@ -225,7 +227,7 @@ def test_a_busy_tracking_database_is_named_busy_not_foreign(tmp_path, monkeypatc
     """Another writer's lock on mlflow.db is not damage: the line says the database is held, and by what."""
     import sqlite3
 
-    from gopc import tracking
+    from gopc import run_tracking as tracking
     from gopc.errors import ConfigError
     db = tmp_path / "mlflow.db"
     holder = sqlite3.connect(db, isolation_level=None)

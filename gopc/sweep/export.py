@@ -1,5 +1,4 @@
-"""`gopc best`: rank a sweep's trials by its Optuna study and write the top-K configs, as their MLflow
-runs logged them, as YAML that `gopc train --config` runs unchanged."""
+"""`gopc best`: a sweep's top-K configs by its Optuna study, as their MLflow runs logged them, as YAML to train on."""
 from __future__ import annotations
 
 import collections
@@ -10,12 +9,13 @@ import optuna
 import yaml
 
 from gopc import config as C
+from gopc import outcome as O
 from gopc.errors import GopcError
 from gopc.evaluate import scored_line
-from gopc.sweep.searcher import COMPLETED, TUNE_ID, open_study
+from gopc.sweep.searcher import TUNE_ID, open_study
 from gopc.sweep.settings import study_storage
 from gopc.sweep.parent_run import find_parent
-from gopc.tracking import resolve_uri
+from gopc.run_tracking import resolve_uri
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -44,7 +44,7 @@ def best_configs(sweep: str, top: int, tracking_uri: str = "", experiment: str =
     if parent is None:
         raise GopcError(f"--sweep: no sweep named {sweep!r} in MLflow at {uri}; check the name or --tracking-uri")
     ranked = []
-    for status in COMPLETED:  # learned trials first, degraded then collapsed ones only to fill up
+    for status in O.TRAINED:  # learned trials first, degraded then collapsed ones only to fill up
         ranked += sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
                           and t.user_attrs.get("status") == status), key=lambda t: t.value,
                          reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)

@@ -1,15 +1,12 @@
-"""A sweep or study whose storage fills stops as a signal stops it: Tune's graceful stop, its state kept,
-one line, and --resume goes on once space is freed (gopc/sweep/run.py says the line).
+"""A sweep or study whose storage fills stops as a signal stops it: Tune's graceful stop, its state kept, one line, and
+--resume goes on once space is freed (gopc/sweep/run.py says the line).
 
-A trial that finds the disk full (its checkpoint, Tune's copy of it into the storage) must not raise:
-Tune would retry it at once onto the same full disk, then mark it ERROR and tell the searcher it failed,
-and the trial would be lost. It tells the driver instead, through a named Ray actor (nothing written to
-any disk), and stands still; the driver looks at every Tune step and asks Tune for the same graceful stop
-as the first SIGINT (gopc/sweep/interrupt.py). The trial is then unfinished, as after a signal, and
---resume continues it from its last checkpoint. Tune's own complaints about the same full disk (its
-uploads of the experiment state fail, with a traceback each) are left out of the output: the one line
-says it.
-"""
+A trial that finds the disk full (its checkpoint, Tune's copy of it into the storage) must not raise: Tune would retry
+it at once onto the same full disk, then mark it ERROR and tell the searcher it failed, and the trial would be lost. It
+tells the driver instead, through a named Ray actor (nothing written to any disk), and stands still; the driver looks at
+every Tune step and asks Tune for the same graceful stop as the first SIGINT (gopc/sweep/interrupt.py). The trial is
+then unfinished, as after a signal, and --resume continues it from its last checkpoint. Tune's own complaints about the
+same full disk (its uploads of the experiment state fail, with a traceback each) are left out of the output."""
 from __future__ import annotations
 
 import logging
@@ -49,13 +46,11 @@ def stand_still(trial_id: str) -> None:
 
 
 def reported() -> list[str]:
-    """On the driver: the trials that found the disk full so far (remembered: the actor goes with the
-    trial that made it, once Tune stops that trial)."""
+    """On the driver: the trials that found the disk full (kept here: the actor dies with the trial that made it)."""
     try:
-        trials = ray.get(ray.get_actor(ACTOR).get.remote())
+        _reported[:] = ray.get(ray.get_actor(ACTOR).get.remote())
     except ValueError:  # no such actor: no trial has found the disk full
-        return list(_reported)
-    _reported[:] = trials
+        pass
     return list(_reported)
 
 

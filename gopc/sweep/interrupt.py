@@ -1,15 +1,14 @@
 """SIGINT and SIGTERM to a sweep or study driver are normal events: a stop, not a crash.
 
-The first signal (Ctrl-C, or SIGTERM from a scheduler or `kill`) is handed to Tune's own graceful stop,
-which saves the experiment state one last time; the driver then writes no summary or verdict, ends the
-MLflow runs it left open KILLED, and says in one line how to resume (gopc/sweep/run.py). A second signal
-during that stop is acknowledged and changes nothing, so the saved state stays resumable.
+The first signal (Ctrl-C, or SIGTERM from a scheduler or `kill`) is handed to Tune's own graceful stop, which saves the
+experiment state one last time; the driver then writes no summary or verdict, ends the MLflow runs it left open KILLED,
+and says in one line how to resume (gopc/sweep/run.py). A second signal during that stop is acknowledged and changes
+nothing, so the saved state stays resumable.
 
-Why not Tune's own SIGINT handler: it knows no SIGTERM (Ray's driver turns SIGTERM into a SystemExit
-that aborts it mid-write), and a second Ctrl-C raises KeyboardInterrupt wherever the driver stands.
-Tune's stop is reached through the SIGUSR1 handler that tune.run installs for this purpose; it is raised
-from a Tune callback, so a signal that arrives before tune.run is ready waits for its first step.
-"""
+Why not Tune's own SIGINT handler: it knows no SIGTERM (Ray's driver turns SIGTERM into a SystemExit that aborts it
+mid-write), and a second Ctrl-C raises KeyboardInterrupt wherever the driver stands. Tune's stop is reached through the
+SIGUSR1 handler that tune.run installs for this purpose; it is raised from a Tune callback, so a signal that arrives
+before tune.run is ready waits for its first step."""
 from __future__ import annotations
 
 import contextlib
@@ -64,7 +63,6 @@ def record(signum: int) -> None:
 
 
 def received() -> int:
-    """The first signal's number, or 0."""
     return _received[0] if _received else 0
 
 
@@ -76,8 +74,7 @@ def reset() -> None:
 
 
 def stop_tune() -> None:
-    """Tune's graceful stop (its SIGUSR1 handler), once, from a Tune callback (the main thread): for the
-    first signal, and for a full disk (gopc/sweep/full_disk.py)."""
+    """Tune's graceful stop (its SIGUSR1 handler), once, from a Tune callback (main thread): first signal, full disk."""
     global _forwarded
     if not _forwarded:
         _forwarded = True

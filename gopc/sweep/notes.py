@@ -1,12 +1,10 @@
-"""The study as optuna-dashboard shows it: each trial's outcome as a note (Markdown, `optuna_dashboard.save_note`)
-with a link to its MLflow run, its last validation's prediction grids as Optuna artifacts, and the study's
-note: what the objective is, how many trials ended how, and the best learned trial, rewritten at each
-finished trial so that it is current while the sweep runs.
+"""The study as optuna-dashboard shows it: each trial's outcome as a note (Markdown, `optuna_dashboard.save_note`) with
+a link to its MLflow run, its last validation's prediction grids as Optuna artifacts, and the study's note (what the
+objective is, how many trials ended how, the best learned trial), kept current while the sweep runs.
 
-The searcher calls `Notes.trial` just before it tells Optuna the trial's end: a finished Optuna trial takes no
-more attributes, and Tune calls its callbacks only after the searcher. The grids come from the trial's
-last checkpoint, which `LastGrids` (a Tune callback on the same driver) notes as Tune hands it over.
-"""
+The searcher calls `Notes.trial` just before it tells Optuna the trial's end: a finished Optuna trial takes no more
+attributes, and Tune calls its callbacks only after the searcher. The grids come from the trial's last checkpoint, which
+`LastGrids` (a Tune callback on the same driver) notes as Tune hands it over."""
 from __future__ import annotations
 
 import math
@@ -19,18 +17,18 @@ import optuna
 from optuna.trial import TrialState
 from ray import tune
 
+from gopc import outcome as O
 from gopc.sweep.settings import study_file
 
 # Tune trial id -> the checkpoint of its last validation (not a divergence's: its grids are stale). A
 # module-level map because the searcher and the callbacks are pickled and restored apart by Tune.
 _LAST_GRIDS: dict[str, object] = {}
 GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py), for Optuna and MLflow
-OUTCOMES = ("learned", "degraded", "collapsed", "stopped early", "diverged", "errored")
 
 
 class LastGrids(tune.Callback):
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        if not (trial.last_result or {}).get("diverged"):
+        if not (trial.last_result or {}).get(O.DIVERGED):
             _LAST_GRIDS[trial.trial_id] = checkpoint
 
 
@@ -50,8 +48,7 @@ def ui_address(tracking_uri: str) -> str:
 
 
 def mlflow_run(tracking_uri: str, experiment: str, trial_id: str) -> tuple[str, str] | None:
-    """(experiment id, run id) of a trial's MLflow run, None while MLflow is away or has no such run
-    (a SQLite file that does not exist is not created just to look)."""
+    """(experiment id, run id) of a trial's MLflow run; None if MLflow is away or has none (makes no SQLite file)."""
     path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
     if path is not None and not os.path.isfile(path):
         return None
@@ -78,25 +75,25 @@ def trial_note(number: int, trial_id: str, status: str, result: dict, metric: st
     """A trial's note, in optuna-dashboard's Markdown."""
     r = result or {}
     lines = [f"## Trial {number}: {status}", ""]
-    if status == "diverged":
+    if status == O.DIVERGED:
         step = int(r.get("diverged_step", 0))
         when = ("after validating; its value is its last validation" if r.get("validated_before")
                 else "before its first validation, so its value is the blank frame's score")
         lines += [f"**Diverged** at step {step}: non-finite `{r.get('diverged_quantity', '?')}` "
                   f"(max gradient norm before: {_f(r.get('max_grad_norm_before'), '.3g')}). It diverged {when}; "
                   "the constraint `diverged` > 0 marks it infeasible.", ""]
-    elif status == "learned":
+    elif status == O.LEARNED:
         lines += [f"**Learned**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '.0%')} below the better "
                   f"trivial prediction (margin {margin:.0%}).", ""]
-    elif status == "degraded":
+    elif status == O.DEGRADED:
         lines += [f"**Degraded**: its one-step prior's MSE skill peaked at {_f(r.get('val/prior/peak_skill_mse'), '+.0%')} "
                   f"(step {int(r.get('val/prior/peak_step', 0))}), then fell to {_f(r.get('val/prior/skill_mse'), '+.0%')} "
                   f"at its end (margin {margin:.0%}, or half the peak): it learned, then unlearned.", ""]
-    elif status == "collapsed":
+    elif status == O.COLLAPSED:
         lines += [f"**Collapsed**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '+.0%')} against the "
                   f"better trivial prediction (margin {margin:.0%}): it learned nothing useful; the constraint "
                   "`collapsed` > 0 marks it infeasible.", ""]
-    elif status == "stopped early":
+    elif status == O.STOPPED_EARLY:
         lines += [f"**Stopped early** by ASHA at step {int(r.get('step', 0))}: told PRUNED, with the validations Tune "
                   "passed on before that one as its intermediate values.", ""]
     if "val/prior/mse" in r:
@@ -122,7 +119,7 @@ class Tally:
         status = t.user_attrs.get("status")
         if status in self.counts:
             self.counts[status] += 1
-        if t.state == TrialState.COMPLETE and status == "learned" and t.value is not None and (
+        if t.state == TrialState.COMPLETE and status == O.LEARNED and t.value is not None and (
                 self.best is None or (t.value < self.best[1] if mode == "min" else t.value > self.best[1])):
             self.best = (t.number, t.value)
 
@@ -200,7 +197,7 @@ class Notes:
         sweep's storage may be ahead of the pickle), then kept up trial by trial."""
         try:
             if told is None or self._tally is None:
-                self._tally = Tally(dict.fromkeys(OUTCOMES, 0))
+                self._tally = Tally(dict.fromkeys(O.ALL, 0))
                 for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
                                                                   TrialState.FAIL)):
                     self._tally.add(t, self.mode)

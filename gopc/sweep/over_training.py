@@ -1,7 +1,6 @@
-"""A study's arms over training, not only at their end: each seed's validation skill at every Tune
-iteration, then per arm the mean and 95% band over the seeds that survived, the peak of that mean and
-the end; and how many seeds were still finite at each step. A model that learned and then unlearned
-(`degraded`, gopc/evaluate.py) shows as a curve that rises, then falls."""
+"""A study's arms over training: each seed's validation skill at every Tune iteration, then per arm the mean and 95%
+band over the seeds that survived, the peak of that mean and the end; and how many seeds were still finite at each step.
+A model that learned and then unlearned (`degraded`, gopc/outcome.py) shows as a curve that rises, then falls."""
 from __future__ import annotations
 
 import matplotlib
@@ -10,22 +9,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from gopc import config as C  # noqa: E402
+from gopc import outcome as O  # noqa: E402
 from gopc.sweep import stats as St  # noqa: E402
 
 SKILL = "val/prior/skill_mse"  # the one-step prior's MSE skill over the better trivial prediction
 
 
 def curve(result) -> list[tuple[int, float]]:
-    """(step, validation skill) of a Tune result's reports, one per step: a retried iteration reports its
-    step again, and a study's test report repeats the last validation."""
+    """(step, validation skill) per step of a Tune result: a retried iteration, a study's test report repeat a step."""
     df = result.metrics_dataframe
     if df is None or SKILL not in df or "step" not in df:
         return []
-    by_step = {int(step): float(skill) for step, skill in zip(df["step"], df[SKILL]) if skill == skill}
-    return sorted(by_step.items())
+    return sorted({int(step): float(skill) for step, skill in zip(df["step"], df[SKILL]) if skill == skill}.items())
 
 
-def summarise(seeds: list[dict]) -> dict:
+def across_seeds(seeds: list[dict]) -> dict:
     """Over the seeds that survived (a diverged seed's curve stops early): per validation step the mean
     skill and its 95% interval; the peak of the mean curve; the end; and each seed's own peak."""
     alive = [x for x in seeds if x["test"] and x["curve"]]
@@ -46,9 +44,9 @@ def survival_axes(ax, v: dict, s) -> None:
     """Seeds still finite at each training step, per arm, with the survival tests' words."""
     steps = C.from_dict(s.base).train.steps
     for k, (name, a) in enumerate(v["arms"].items()):
-        died = sorted(int(x) for x in a["diverged"].values() if x is not None)
+        died = sorted(int(x) for x in a[O.DIVERGED].values() if x is not None)
         xs = [0] + died + [steps]
-        alive = [len(a["seeds"]) - len(a["errored"]) - i for i in range(len(died) + 1)]
+        alive = [len(a["seeds"]) - len(a[O.ERRORED]) - i for i in range(len(died) + 1)]
         lift = 0.05 * k  # arms with the same counts would hide each other's line
         ax.step(xs, [n + lift for n in alive + alive[-1:]], where="post",
                 label=f"{name}: {a['survived']} of {len(a['seeds'])} survived")

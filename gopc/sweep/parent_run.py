@@ -1,6 +1,6 @@
 """The MLflow parent run of a sweep or a study, on the driver: created (with the MLflow UI's saved view
 of its trials) on a fresh start, found again by its tags on --resume, and finished with the summary,
-its result in a sentence and a link to its best trial. The trials' own runs are gopc/sweep/tracking.py's."""
+its result in a sentence and a link to its best trial. The trials' own runs are gopc/sweep/trial_tracking.py's."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from gopc import config as C
+from gopc import outcome as O
 
 
 def experiment_id(client: mlflow.MlflowClient, name: str) -> str:
@@ -67,8 +68,7 @@ def find_parent(client, exp_id: str, sweep: str):
 
 def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: dict, space_yaml: str,
                  view: tuple[list[str], str | None] | None = None) -> str:
-    """The sweep's parent run: created on a fresh start, found again on --resume; `view` (columns, group
-    by) saves the sweep's view of its trials in the MLflow UI."""
+    """The parent run: created, or found again on --resume; `view` (columns, group by) saves its MLflow UI view."""
     client = mlflow.MlflowClient(uri)
     exp_id = experiment_id(client, experiment)
     existing = find_parent(client, exp_id, sweep)
@@ -83,9 +83,8 @@ def start_parent(uri: str, experiment: str, sweep: str, resume: bool, params: di
     return run.info.run_id
 
 
-def kill_parent(uri: str, parent: str, status: str = "interrupted") -> None:
-    """A stopped experiment's parent: KILLED, its status tag `interrupted` (a signal) or `disk full`;
-    --resume sets it RUNNING."""
+def kill_parent(uri: str, parent: str, status: str = O.INTERRUPTED) -> None:
+    """A stopped experiment's parent: KILLED, tagged `interrupted` (a signal) or `disk full`; --resume sets RUNNING."""
     try:
         client = mlflow.MlflowClient(uri)
         client.set_tag(parent, "status", status)

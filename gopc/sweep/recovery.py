@@ -1,19 +1,16 @@
 """Repair a Tune snapshot torn by a killed driver, before `Tuner.restore` reads it.
 
-Tune writes its trial list (experiment_state-*.json) and the trial generator's state
-(search_gen_state-*.json) to a staging folder, then copies them to storage one by one, while the Optuna
-study commits every ask and tell at once. After a kill the study is ahead of the snapshot:
-- an Optuna trial asked (even told) for a Tune trial the snapshot never recorded: it would stay RUNNING
-  for ever, and the generator may count it, so a trial would never run;
+Tune copies its snapshot into the storage file by file (gopc/sweep/snapshot.py), while the Optuna study commits every
+ask and tell at once. After a kill the study is ahead of the snapshot:
+- an Optuna trial asked (even told) for a Tune trial the snapshot never recorded: it would stay RUNNING for ever, and
+  the generator may count it, so a trial would never run;
 - a Tune trial that finished without the study being told, which Tune will not report again.
-The trial list is what Tune restores, so it is taken as the truth: such an Optuna trial is set FAIL if
-still RUNNING and listed in the study's "orphans" attr, its trial is suggested anew (a start point is
-queued again); finished trials are told, and the generator counts exactly the trials Tune has. The searcher itself reads its trials back from the study (searcher.restore).
-A kill before Tune's first snapshot was complete leaves nothing to resume from (and no trial has
-finished by then): the snapshot and the study are discarded and the sweep starts over under the same
-parent run. The experiment may be a local folder or a URI (s3://...): files go through pyarrow.fs, as
-Tune's own do.
-"""
+The trial list is what Tune restores, so it is taken as the truth: such an Optuna trial is set FAIL if still RUNNING
+and listed in the study's "orphans" attr, its trial is suggested anew (a start point is queued again); finished trials
+are told, and the generator counts exactly the trials Tune has. The searcher itself reads its trials back from the
+study (searcher.restore). A kill before Tune's first snapshot was complete leaves nothing to resume from (and no trial
+has finished by then): the snapshot and the study are discarded and the sweep starts over under the same parent run.
+The experiment may be a local folder or a URI (s3://...): files go through pyarrow.fs, as Tune's own do."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,7 +26,7 @@ from ray.tune.experiment.trial import Trial
 from gopc.errors import GopcError
 from gopc.sweep.searcher import ORPHANS, TUNE_ID, DivergenceAwareOptunaSearch
 from gopc.sweep.snapshot import GOOD, SNAPSHOT
-from gopc.sweep.tracking import load_pending, save_pending
+from gopc.sweep.trial_tracking import load_pending, save_pending
 
 FINISHED = (Trial.TERMINATED, Trial.ERROR)  # Tune reports neither to the searcher again after a restore
 

@@ -1,8 +1,10 @@
 """The one driver of every experiment on Ray: a sweep (an Optuna search, sweeps/gopc2_stability.py)
 or a study (arms x seeds, the verdict, sweeps/gopc2_study.py). The same script runs on a laptop (Ray
 starts locally, MLflow in a SQLite file) and on a cluster (`ray submit cluster/gpu.yaml sweeps/...`:
-it joins the running cluster). What differs between the two kinds is a `Kind`; the trainable, the
-MLflow tracker, fault tolerance and resume are shared.
+it joins the running cluster). What differs between kinds of experiment is a `Kind`, each in a module of
+its own (gopc/sweep/search.py, gopc/sweep/study.py); the trainable, the MLflow tracker, fault tolerance
+and resume are shared. Ray, Tune and MLflow are imported inside the functions that use them, so a bad
+setting is refused before they load.
 
     python sweeps/gopc2_stability.py [--config sweeps/gopc2_stability.yaml] [--preset smoke]
                                      [--set num_samples=64] [--resume]
@@ -22,7 +24,7 @@ import yaml
 # Tune's classic reporter: one compact table of chosen columns instead of every metric of every trial.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # An unreachable tracking server must cost seconds, not MLflow's default minutes of retries: the
-# driver queues what it cannot write (gopc/sweep/tracking.py) and tries again later.
+# driver queues what it cannot write (gopc/sweep/trial_tracking.py) and tries again later.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 # SIGINT and SIGTERM are gopc/sweep/interrupt.py's, which hands the first to Tune's stop itself.
@@ -30,35 +32,42 @@ os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
 
 from gopc import config as C
 from gopc import locks
+from gopc import outcome as O
+from gopc.console import library_level, quiet_libraries
 from gopc.disk import DiskFull, no_space, reason
-from gopc.errors import ConfigError, GopcError
+from gopc.errors import ArgumentParser, ConfigError, GopcError
 from gopc.sweep import full_disk, interrupt
 from gopc.sweep import settings as S
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What differs between a sweep and a study."""
+    """A kind of experiment: what differs between a sweep and a study. A third kind is a module that builds
+    one and calls `main` with it; nothing here changes."""
     prog: str
     description: str
     load: Callable  # (path, preset, overrides) -> settings
     tune_setup: Callable  # (settings) -> (TuneConfig, param_space or None, parameter columns for the progress table)
-    summarise: Callable  # (settings, results, parent_run_id) -> ["label: path", ...] for the end of the output
+    finish: Callable  # (settings, results, parent_run_id) -> ["label: path", ...] for the end of the output
     parent_params: Callable  # (settings) -> params of the MLflow parent run
     n_trials: Callable  # (settings) -> how many trials the experiment runs
-    searched: bool  # Tune's snapshot holds an Optuna searcher, which --resume aligns with the trial list
+    view: Callable  # (settings) -> (params shown in the MLflow view of the trials, the param they are grouped by)
+    check: Callable = lambda s, resume: None  # before anything is written: the kind's own storage
+    lock_keys: Callable = lambda s: []  # what else one driver at a time holds (the study of a searcher)
+    realign: Callable | None = None  # (settings, experiment path) -> Repair: --resume puts a searcher's
+    # snapshot in line with the trial list (gopc/sweep/recovery.py)
     test: bool = False  # trials are evaluated on the test split at the end (a study's verdict)
     noun: str = "sweep"  # what the user calls it
     hooks: type | None = None  # the trials' TuneHooks subclass (None: TuneHooks); bench/scale.py's waits
 
 
-def parse_args(argv, default_config: str, kind: "Kind"):
-    from gopc.cli import _Parser  # command-line mistakes: one line and exit 2, like every bad input
-    p = _Parser(prog=kind.prog, description=kind.description)
+def parse_args(argv, default_config: str, kind: Kind):
+    p = ArgumentParser(prog=kind.prog, description=kind.description)
     p.add_argument("--config", default=default_config, help="sweep settings YAML (default: %(default)s)")
     p.add_argument("--preset", help="a preset of the settings file, e.g. smoke")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. num_samples=64")
     p.add_argument("--resume", action="store_true", help="continue the sweep of this name after a crash or kill")
+    p.add_argument("--verbose", action="store_true", help="also show MLflow's and Ray's INFO lines")
     return p.parse_args(argv)
 
 
@@ -73,7 +82,7 @@ def connect_ray() -> None:
     if recorded and not _answers(recorded):
         print(f"removing stale Ray cluster address {recorded} ({get_ray_address_file(None)})", file=sys.stderr)
         os.remove(get_ray_address_file(None))
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    ray.init(ignore_reinit_error=True, log_to_driver=False, logging_level=library_level())
 
 
 def _answers(address: str) -> bool:
@@ -116,12 +125,6 @@ def pending_path(s: S.Settings) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(local)) if local else os.getcwd(), f"mlflow_pending-{s.name}.pkl")
 
 
-def check_tracking(uri: str) -> None:
-    """Refuse to start a sweep whose tracking store does not answer: trials would train unrecorded."""
-    from gopc.tracking import check_tracking as check  # one check for every command (issue 11)
-    check(uri, "tracking_uri")
-
-
 def check_storage(s: S.Settings) -> None:
     """A storage path Tune cannot create fails only once Ray runs and the parent run exists."""
     if "://" not in s.storage_path:
@@ -141,52 +144,6 @@ def make_trainable(s: S.Common, kind: Kind, hooks_class=None):
         {"cpu": s.resources.cpu, "gpu": s.resources.gpu})
 
 
-def make_searcher(s: S.Settings, start_points: list):
-    """The searcher on the sweep's study (created, or loaded as it is); `start_points` are queued in it."""
-    import optuna
-
-    from gopc.sweep.notes import Notes, artifact_dir
-    from gopc.sweep.searcher import DivergenceAwareOptunaSearch, open_storage
-    from gopc.sweep.space import SearchSpace
-    base = C.from_dict(s.base)
-    tpe = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    notes = Notes(s.metric, s.mode, base.train.learned_margin, s.mlflow_uri, s.mlflow_experiment,
-                  artifact_dir(s.study_storage))
-    return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, sampler=tpe,
-                                       total_steps=base.train.steps, margin=base.train.learned_margin,
-                                       objective_name=s.metric, notes=notes,
-                                       points_to_evaluate=start_points or None,
-                                       storage=open_storage(s.study_storage), study_name=s.name)
-
-
-def check_new_study(s: S.Settings) -> None:
-    """A new sweep must not add its trials to an older study of the same name."""
-    from gopc.sweep.searcher import open_storage
-    if s.name in {st.study_name for st in open_storage(s.study_storage).get_all_studies()}:
-        raise GopcError(f"an Optuna study named {s.name!r} already exists in {s.study_storage}; pass --resume "
-                        f"to continue it, or --set name=NEW to start another")
-
-
-def sweep_setup(s: S.Settings):
-    """A search: Optuna's TPE proposes the trials, ASHA stops the slow-but-finite ones. A finished trial's
-    process takes the next trial (reuse_actors): a new one would import torch and the project again, seconds
-    of CPU per trial (Ray 2.60's default is False)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    base = C.from_dict(s.base)
-    steps = base.train.steps
-    iterations = -(-steps // s.report_every)
-    searcher = make_searcher(s, s.start_points)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=iterations, grace_period=s.scheduler.grace_period,
-                               reduction_factor=s.scheduler.reduction_factor)
-                 if s.scheduler.type == "asha" else FIFOScheduler())
-    config = tune.TuneConfig(metric="objective", mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                             num_samples=s.num_samples, max_concurrent_trials=s.max_concurrent, reuse_actors=True)
-    # conditional parameters are absent from some trials, which the progress table cannot show
-    return config, None, {p.name: p.name.split(".")[1] for p in s.space if not p.when}
-
-
 def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, tracked: bool = True):
     """The sweep's Tuner. bench/overhead.py alone passes `hooks_class` (per-iteration costs switched off)
     and `tracked=False` (no MLflow callback), to measure what each costs; the service uses the defaults."""
@@ -194,7 +151,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
 
     from gopc.sweep.notes import LastGrids
     from gopc.sweep.snapshot import KeepGoodCopies
-    from gopc.sweep.tracking import SweepTracker
+    from gopc.sweep.trial_tracking import SweepTracker
 
     steps = C.from_dict(s.base).train.steps
     tune_config, param_space, columns = kind.tune_setup(s)
@@ -204,7 +161,7 @@ def build_tuner(s: S.Common, parent_run_id: str, kind: Kind, hooks_class=None, t
             name=s.name, storage_path=s.storage_path, verbose=1,
             progress_reporter=tune.CLIReporter(
                 metric_columns={"step": "step", "objective": s.metric, "val/prior/skill_mse": "skill",
-                                "learned": "learned", "degraded": "degraded", "diverged": "diverged"},
+                                **{word: word for word in (O.LEARNED, O.DEGRADED, O.DIVERGED)}},
                 parameter_columns=columns, max_report_frequency=30),
             failure_config=tune.FailureConfig(max_failures=s.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=s.keep_checkpoints),
@@ -222,7 +179,7 @@ def one_driver(s: S.Common, kind: Kind):
         return GopcError(f"name: {kind.noun} {s.name!r} is being run by another driver (pid {pid}); wait for it "
                          f"to end, or stop it (kill -INT {pid}) and continue it with --resume")
     with contextlib.ExitStack() as held:
-        for key in [s.experiment_path] + [f"{s.study_storage}#{s.name}"] * kind.searched:
+        for key in [s.experiment_path] + kind.lock_keys(s):
             held.enter_context(locks.held(locks.outside(key), refuse))
         yield
 
@@ -241,9 +198,9 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     from ray import tune
 
     from gopc.sweep import snapshot
-    from gopc.sweep.recovery import Repair, align_snapshot, forget_orphans
+    from gopc.sweep.recovery import Repair, forget_orphans
     from gopc.sweep.parent_run import kill_parent, start_parent
-    from gopc.tracking import create_store
+    from gopc.run_tracking import check_tracking, create_store
 
     check_storage(s)
     exists = tune.Tuner.can_restore(s.experiment_path)
@@ -252,12 +209,8 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     if exists and not resume:
         raise GopcError(f"sweep {s.name!r} already exists at {s.experiment_path}; "
                         "pass --resume to continue it, or --set name=NEW to start another")
-    check_tracking(s.mlflow_uri)
-    if kind.searched:
-        from gopc.sweep.searcher import check_study_storage
-        check_study_storage(s.study_storage, s.name, resume)
-    if kind.searched and not resume:
-        check_new_study(s)
+    check_tracking(s.mlflow_uri, "tracking_uri")  # refused before anything: trials would train unrecorded
+    kind.check(s, resume)
     try:
         connect_ray()
     except SystemExit as e:  # SIGTERM during ray.init, whose own handler turns it into an exit
@@ -278,7 +231,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
     results = None
     try:
         if resume:  # finished trials are kept, unfinished ones continue from their last checkpoint
-            repair = align_snapshot(s.experiment_path, make_searcher(s, [])) if kind.searched else Repair()
+            repair = kind.realign(s, s.experiment_path) if kind.realign else Repair()
             if repair.changed:
                 print(repair, file=sys.stderr)
                 forget_orphans(s.mlflow_uri, parent, repair, pending_path(s))
@@ -293,7 +246,7 @@ def run(s: S.Common, resume: bool, raw_yaml: str, kind: Kind, resume_command: st
                                    f"{kind.n_trials(s)} trials finished; state saved, resume with: {resume_command}")
         if full_disk.reported():  # a trial found the storage full; Tune stopped as for a signal
             raise DiskFull(f"trial(s) {', '.join(full_disk.reported())} found the disk full")
-        return kind.summarise(s, results, parent) + [parent]
+        return kind.finish(s, results, parent) + [parent]
     except Exception as e:  # the trials' full disk, or the driver's own (Tune's files, the summary)
         if not no_space(e):
             raise
@@ -313,33 +266,13 @@ def _name(signum: int) -> str:
 
 
 def saved_view(s: S.Common, kind: Kind) -> tuple[list[str], str | None]:
-    """The MLflow UI view of the trials (gopc/sweep/parent_run.py: save_view): outcome and score columns, the
-    searched params, grouped by the first searched choice (a sweep) or by the model (a study)."""
+    """The MLflow UI view of the trials (gopc/sweep/parent_run.py: save_view): outcome and score columns,
+    then the kind's params, grouped as the kind says."""
     section = "test" if kind.test else "val"
-    columns = ["metrics.`diverged`", "metrics.`learned`"]
+    params, group = kind.view(s)
+    columns = [f"metrics.`{O.DIVERGED}`", f"metrics.`{O.LEARNED}`"]
     columns += [f"metrics.`{section}/prior/{k}`" for k in ("skill_mse", "mse", "blank_mse", "last_mse")]
-    if kind.searched:
-        params = [p.name for p in s.space]
-        group = next((p.name for p in s.space if p.choices is not None and not p.when), None)
-    else:
-        params, group = ["model.kind", "train.seed"], "model.kind"
     return columns + [f"params.`{p}`" for p in params if p != group] + ["tags.`status`"], group
-
-
-def sweep_params(s: S.Settings) -> dict:
-    """The base config, each searched key shown by its range (its base value was never used as such)."""
-    searched = {p.name: f"searched: {p.choices if p.choices is not None else f'{p.low:g}..{p.high:g}'}" for p in s.space}
-    return {"sweep." + k: v for k, v in {**C.from_dict(s.base).flat(), **searched, "metric": s.metric, "mode": s.mode,
-                                         "num_samples": s.num_samples, "seed": s.seed}.items()}
-
-
-def _summarise_sweep(s, results, parent):
-    from gopc.sweep.summary import summarise
-    return [f"best config: {summarise(s, results, parent)}"]
-
-
-SWEEP = Kind("gopc2_stability", "Ray Tune + Optuna sweep over GOPC-2 stabilizers, tracked in MLflow",
-             S.load, sweep_setup, _summarise_sweep, sweep_params, lambda s: s.num_samples, searched=True)
 
 
 def resume_command(kind: Kind, argv) -> str:
@@ -350,11 +283,12 @@ def resume_command(kind: Kind, argv) -> str:
     return shlex.join(["python", script, *args, "--resume"])
 
 
-def main(argv=None, default_config: str = "sweeps/gopc2_stability.yaml", kind: Kind = SWEEP) -> int:
+def main(argv, default_config: str, kind: Kind) -> int:
     from gopc.sweep.notes import ui_address
     from gopc.sweep.parent_run import view_link
     try:
         args = parse_args(argv, default_config, kind)
+        quiet_libraries(args.verbose)
         raw_yaml = open(args.config).read() if os.path.exists(args.config) else ""
         s = kind.load(args.config, args.preset, args.set)
         with interrupt.catching(kind.prog), one_driver(s, kind):

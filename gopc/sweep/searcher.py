@@ -1,25 +1,19 @@
 """OptunaSearch that learns from diverged and collapsed trials.
 
-Left alone, Ray + Optuna lose exactly the trials this service exists to study: a NaN objective leaves
-the Optuna trial RUNNING forever, and a trial that raises becomes FAIL, which TPE ignores, so the
-sampler keeps proposing the unstable region. Here a diverged trial reports a finite penalty (it never
-raises), and this searcher tells Optuna COMPLETE(penalty) plus a positive constraint. A trial that ASHA
-stopped early is told PRUNED rather than COMPLETE with an under-trained value: TPE ranks pruned
-trials by how far they got, which is what an early stop means.
+Left alone, Ray + Optuna lose exactly the trials this service exists to study: a NaN objective leaves the Optuna trial
+RUNNING forever, and a trial that raises becomes FAIL, which TPE ignores, so the sampler keeps proposing the unstable
+region. Here a diverged trial reports a finite value (gopc/sweep/trainable.py) and is told COMPLETE plus a positive
+constraint. A trial that ASHA stopped early is told PRUNED rather than COMPLETE with an under-trained value: TPE ranks
+pruned trials by how far they got, which is what an early stop means.
 
-Finite is not trained: a trial whose one-step prior is no better than a blank or the last frame
-(`collapsed`, see gopc/evaluate.py) gets a positive constraint too, smaller than any divergence's.
-Why a constraint and not the objective: the objective stays the metric itself, so values, plots and
-Optuna's importances mean what they say; and Optuna 5's TPE ranks every feasible (learned) trial above
-every pruned one, and those above every infeasible one, infeasible ones by their violation. So TPE
-models "good" as: learned by objective, then stopped early, then collapsed by how far below the margin
-(a gradient towards learning even before any trial has learned), then diverged, later before earlier.
-The study lives in persistent storage (settings.study_storage), where every ask and tell is committed
-at once, so it can be read while the sweep runs (optuna.load_study, optuna-dashboard) and after it
-without Ray. Each Optuna trial carries its Tune trial id, and on a restore the storage, not the pickle
-Tune saved, says which Optuna trial belongs to which Tune trial. What the dashboard shows beyond the
-values (outcome notes, grids, the study's note) is gopc/sweep/notes.py's, written before each tell.
-"""
+Finite is not trained: a `collapsed` trial (gopc/outcome.py) gets a positive constraint too, smaller than any
+divergence's. Why a constraint and not the objective: the objective stays the metric itself, so values, plots and
+Optuna's importances mean what they say; and Optuna 5's TPE ranks every feasible (learned) trial above every pruned one,
+and those above every infeasible one, infeasible ones by their violation. So TPE models "good" as: learned by objective,
+then stopped early, then collapsed by how far below the margin (a gradient towards learning even before any trial has
+learned), then diverged, later before earlier. The study lives in persistent storage, every ask and tell committed at
+once, so it can be read while the sweep runs (optuna-dashboard) and after it without Ray; on a restore it, not the
+pickle Tune saved, says which Optuna trial is which Tune trial. Notes: gopc/sweep/notes.py, before each tell."""
 from __future__ import annotations
 
 import contextlib
@@ -33,18 +27,21 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from gopc import dbfile, locks
+from gopc import outcome as O
+from gopc.console import library_level
 from gopc.errors import GopcError
 from gopc.sweep.notes import Notes
 from gopc.sweep.settings import study_file
+
+optuna.logging.set_verbosity(library_level())  # "A new study created": with --verbose only
 
 TUNE_ID = "tune_trial_id"  # user attr of each Optuna trial
 ORPHANS = "orphans"  # study user attr: numbers of the trials whose Tune trial a kill lost (see recovery.py)
 
 
 def open_storage(url: str, read_only: bool = False) -> optuna.storages.BaseStorage:
-    """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL. An SQLite file
-    held by another writer is waited for up to GOPC_BUSY_WAIT (SQLite's busy timeout), not pysqlite's
-    5 s; `read_only` (gopc best) creates no tables, so a read-only file will do."""
+    """A path (ending in .log) is Optuna's JournalStorage, anything else a SQLAlchemy URL. A held SQLite file is waited
+    for up to GOPC_BUSY_WAIT, not pysqlite's 5 s; `read_only` (gopc best) creates no tables."""
     if "://" in url:
         kwargs = {"connect_args": {"timeout": dbfile.busy_wait()}} if url.startswith("sqlite:") else {}
         with locks.creating(study_file(url)):  # a new file's tables are made once (gopc/locks.py)
@@ -53,9 +50,9 @@ def open_storage(url: str, read_only: bool = False) -> optuna.storages.BaseStora
 
 
 def check_study_storage(url: str, name: str, resume: bool, field: str = "optuna_storage") -> None:
-    """Before anything is written: the study's file can be written and is not damaged (gopc/dbfile.py, which
-    also waits for another writer), and on --resume it holds the study to continue: Optuna would create
-    its tables and a new study in an empty or missing file, and the resume would fail only after that."""
+    """Before anything is written: the study's file can be written and is not damaged (gopc/dbfile.py), and on
+    --resume it holds the study to continue: Optuna would create its tables and a new study in an empty or missing
+    file, and the resume would fail only after that."""
     path = study_file(url)
     if path is None:
         return  # a database server: nothing here can check it without writing
@@ -105,35 +102,16 @@ def open_study(name: str, url: str) -> optuna.Study:
                         "check the sweep name, or pass its storage (--optuna-storage, optuna_storage)") from None
 
 
-COMPLETED = ("learned", "degraded", "collapsed")  # the statuses of a trial that trained to the end
-
-
-def divergence_constraint(diverged_step: int, total_steps: int) -> float:
-    """> 0 means infeasible; 1 for a trial that diverged on its last step, up to 2 on its first."""
-    return 1.0 + max(0.0, 1.0 - diverged_step / max(total_steps, 1))
-
-
-def collapse_constraint(result: dict, margin: float) -> float:
-    """0 for a trial whose last validation learned; else in (0, 1), growing with how far its prior skill
-    fell short of the margin, so that every collapsed trial ranks above every diverged one."""
-    if result.get("learned"):
-        return 0.0
-    gap = margin - float(result.get("val/prior/skill_mse", float("nan")))
-    return gap / (1 + gap) if gap == gap else 0.999  # NaN skill: as bad as collapsing gets
-
-
-def trained(t: optuna.trial.FrozenTrial) -> bool:
+def ran_to_the_end(t: optuna.trial.FrozenTrial) -> bool:
     """Complete and not diverged: its value is what its config trained to, not a validation from before a
     blow-up (a collapsed trial is infeasible for TPE, yet its value is as real as a learned one's)."""
-    return t.state == TrialState.COMPLETE and t.constraints.get("diverged", 0.0) <= 0
+    return t.state == TrialState.COMPLETE and t.constraints.get(O.DIVERGED, 0.0) <= 0
 
 
 def validation(result: dict, metric: str) -> float | None:
     """The objective of a result that is a real validation: finite, not a divergence's report."""
     value = result.get(f"val/{metric}")
-    if result.get("diverged") or value is None or not math.isfinite(float(value)):
-        return None
-    return float(value)
+    return None if result.get(O.DIVERGED) or value is None or not math.isfinite(float(value)) else float(value)
 
 
 class DivergenceAwareOptunaSearch(OptunaSearch):
@@ -166,8 +144,7 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
             ot_trial.report(value, step)
 
     def restore(self, checkpoint_path: str):
-        """Tune's --resume: the pickle brings back the sampler (its random state) and the storage; the
-        trials are read from the storage, which may be ahead of the pickle."""
+        """Tune's --resume: the pickle restores sampler and storage; the trials are read from the (newer) storage."""
         super().restore(checkpoint_path)
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage,
                                            sampler=self._ot_study.sampler, pruner=self._ot_study.pruner)
@@ -186,30 +163,29 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         ot_trial = self._ot_trials.get(trial_id)
         if ot_trial is None or trial_id in self._completed_trials:
             return super().on_trial_complete(trial_id, result, error)
-        status = trial_status(result, error, self.total_steps)
+        status = O.of_trial(result, error, self.total_steps)
         ot_trial.set_user_attr("status", status)
-        ot_trial.set_user_attr("diverged", float(status == "diverged"))
+        ot_trial.set_user_attr(O.DIVERGED, float(status == O.DIVERGED))
         if result and "val/prior/skill_mse" in result:
             ot_trial.set_user_attr("prior_skill_mse", float(result["val/prior/skill_mse"]))
         if result and "val/prior/peak_skill_mse" in result:  # `degraded`: how high it was, and when
             ot_trial.set_user_attr("peak_skill_mse", float(result["val/prior/peak_skill_mse"]))
             ot_trial.set_user_attr("peak_step", int(result["val/prior/peak_step"]))
-        if status == "diverged":
+        if status == O.DIVERGED:
             ot_trial.set_user_attr("diverged_step", int(result["step"]))
-            ot_trial.set_constraint("diverged", divergence_constraint(int(result["step"]), self.total_steps))
+            ot_trial.set_constraint(O.DIVERGED, O.divergence_constraint(int(result["step"]), self.total_steps))
         else:
-            ot_trial.set_constraint("diverged", 0.0)
-        if status in COMPLETED or status == "stopped early":
-            ot_trial.set_constraint("collapsed", collapse_constraint(result or {}, self.margin))
+            ot_trial.set_constraint(O.DIVERGED, 0.0)
+        if status in O.TRAINED or status == O.STOPPED_EARLY:
+            ot_trial.set_constraint(O.COLLAPSED, O.collapse_constraint(result or {}, self.margin))
         if self.notes is not None:
             self.notes.trial(ot_trial, trial_id, status, result)
-        if status == "stopped early":
+        if status == O.STOPPED_EARLY:
             self._ot_study.tell(ot_trial, state=TrialState.PRUNED)
             self._completed_trials.add(trial_id)
         else:
-            # Tune passes the searcher no result that ends a trial (ASHA's max_t): the last validation of a
-            # trial that trained to the end joins its intermediate values here. Not a pruned trial's: TPE
-            # ranks those by their last intermediate value, and that ranking stays as it was.
+            # Tune passes no trial-ending result (ASHA's max_t) to the searcher: a trial that trained to the end gets
+            # its last validation as an intermediate value here. Not a pruned one: TPE ranks those by their last.
             if (value := validation(result or {}, self.objective_name)) is not None \
                     and int(result.get("step", 0)) not in ot_trial._cached_frozen_trial.intermediate_values:
                 ot_trial.report(value, int(result.get("step", 0)))
@@ -219,16 +195,3 @@ class DivergenceAwareOptunaSearch(OptunaSearch):
         if self.notes is not None:
             self.notes.study(self._ot_study, self._ot_study._storage.get_trial(ot_trial._trial_id))
         return None
-
-
-def trial_status(result: dict | None, error: bool, total_steps: int) -> str:
-    """learned / degraded / collapsed / diverged / stopped early / errored: a finished trial's status tag."""
-    if error:
-        return "errored"
-    if not result:  # stopped before it ever reported
-        return "stopped early"
-    if result.get("diverged"):
-        return "diverged"
-    if result.get("step", 0) < total_steps:
-        return "stopped early"
-    return "learned" if result.get("learned") else "degraded" if result.get("degraded") else "collapsed"

@@ -1,5 +1,4 @@
-"""An experiment's settings (sweeps/*.yaml): a sweep's (what to search, how to search and stop) or a
-study's (gopc/sweep/study.py), and what they share: where results go, resources, retries."""
+"""Experiment settings (sweeps/*.yaml): a sweep's, a study's (gopc/sweep/study.py), and what they share."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +10,7 @@ import yaml
 from gopc import config as C
 from gopc.errors import ConfigError
 from gopc.sweep.space import Param, apply, parse_space
-from gopc.tracking import resolve_uri
+from gopc.run_tracking import resolve_uri
 
 OBJECTIVES = [f"{s}/{m}" for s in ("posterior", "prior", "rollout") for m in ("mse", "bce", "psnr", "ssim")]
 
@@ -38,9 +37,8 @@ class Common:
     max_concurrent: int = C.bounded(4, 1)
     report_every: int = C.bounded(20, 1)  # training steps per Tune iteration (each ends in validation)
     max_failures: int = C.bounded(2, -1)  # retries of a trial whose worker died (-1: forever)
-    # checkpoints kept per trial (Tune's num_to_keep). Tune snapshots the whole experiment (O(N) trials)
-    # whenever one trial has written this many checkpoints since the last snapshot: at 2, short trials
-    # forced a snapshot every few seconds, O(N^2) in all (docs/performance.md, "Scale"); the price is disk
+    # Tune's num_to_keep. Tune snapshots the experiment (O(N)) when a trial has written this many checkpoints since the
+    # last: at 2, short trials forced one every few seconds, O(N^2) in all (docs/performance.md, "Scale"); costs disk
     keep_checkpoints: int = C.bounded(4, 1)
     storage: str = ""  # Tune's storage_path; "" = $GOPC_STORAGE or ./sweep_results
     tracking_uri: str = ""  # "" = $GOPC_TRACKING_URI or sqlite:///./mlflow.db
@@ -87,13 +85,11 @@ class Common:
 class Settings(Common):
     num_samples: int = C.bounded(32, 1)
     seed: int = C.bounded(0, 0)  # Optuna's sampler refuses a negative seed, but only once Ray runs
-    # TPE samples at random until this many trials are complete (start points count). Optuna's 10 made
-    # the searcher no better than random search before its 11th trial; 5 found a learned config in
-    # fewer trials on every seed of bench/search_efficiency.py (docs/performance.md).
+    # TPE samples at random until this many trials are complete (start points count): Optuna's 10 was random search
+    # up to trial 11; 5 found a learned config sooner on every seed of bench/search_efficiency.py (docs/performance.md).
     n_startup_trials: int = C.bounded(5, 1)
-    # The objective a trial reports: the mean of its last k validations (1: the latest alone). k > 1 holds
-    # out for the long run: a trial that learned, then unlearned (`degraded`), scores its decline, not its
-    # peak (docs/verdict.md, "Late collapse").
+    # The objective a trial reports: the mean of its last k validations (1: the latest alone). k > 1 holds out for
+    # the long run: a `degraded` trial scores its decline, not its peak (docs/verdict.md, "Late collapse").
     objective_window: int = C.bounded(1, 1)
     scheduler: Scheduler = field(default_factory=Scheduler)
     start_points: list = field(default_factory=list)  # evaluated first: overrides of the base's values
@@ -167,8 +163,8 @@ def check_name(name, field: str) -> None:
 def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
     """The scalar settings of `cls`, its resources and its checked base; `nested` names the keys the caller parses."""
     check_name(raw.get("name", cls.name), f"{what}.name")  # first: the type check would only say "no value given"
-    s = C._section(cls, what, {k: v for k, v in raw.items() if k not in ("resources", "base") + nested})
-    s.resources = C._section(Resources, "resources", raw.get("resources"))
+    s = C.section(cls, what, {k: v for k, v in raw.items() if k not in ("resources", "base") + nested})
+    s.resources = C.section(Resources, "resources", raw.get("resources"))
     base = raw.get("base") or {}
     try:
         C.from_dict(base)
@@ -189,7 +185,7 @@ def parse_common(raw: dict, cls, what: str, nested: tuple[str, ...]) -> Common:
 def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = None) -> Settings:
     raw = resolve(raw, preset, overrides, Settings, "sweep")
     s = parse_common(raw, Settings, "sweep", ("scheduler", "space", "start_points"))
-    s.scheduler = C._section(Scheduler, "scheduler", raw.get("scheduler"))
+    s.scheduler = C.section(Scheduler, "scheduler", raw.get("scheduler"))
     base = s.base
     s.space = parse_space(raw.get("space"), base)
     for p in s.space:  # here, not in space.py, whose owner changes it in parallel (issue 11)
@@ -205,9 +201,8 @@ def parse(raw: dict, preset: str | None = None, overrides: list[str] | None = No
 
 
 def parse_start_points(points, space: list[Param], base: dict) -> list[dict]:
-    """Each start point is the base config's value of every searched parameter, with the listed
-    overrides; conditional parameters whose switch is off are left out, as Optuna would. Everything
-    Optuna or a trial would refuse later, once Ray runs, is refused here."""
+    """Each start point: the base's value of every searched parameter, with the listed overrides; conditional ones
+    switched off are left out, as Optuna would. What Optuna or a trial would refuse once Ray runs is refused here."""
     if not isinstance(points, list):
         raise ConfigError("sweep.start_points: expected a list of {parameter: value} mappings")
     flat, names, out = C.from_dict(base).flat(), {p.name: p for p in space}, []

@@ -1,15 +1,12 @@
 """Tune's snapshot of an experiment, kept whole through a full disk.
 
-Tune saves its snapshot (the trial list, the trial generator's and the searcher's state: SNAPSHOT) in a
-staging folder, then copies it into the storage over the files there, in place. When the storage fills
-during that copy, a file is cut short, and Tuner.restore fails on it (JSONDecodeError): the experiment
-could not be resumed. So, while the experiment runs, the driver keeps a copy of each file as it was when
-last whole, in GOOD beside them; --resume puts the good copy back in place of a file cut short before
-anything reads the snapshot. Good copies of different moments are what a kill leaves too: the trial list
-is taken as the truth and the searcher brought in line with it (gopc/sweep/recovery.py).
-
-Only a storage folder is looked after: an object store (s3://...) replaces a file whole or not at all.
-"""
+Tune saves its snapshot (the trial list, the trial generator's and the searcher's state: SNAPSHOT) in a staging folder,
+then copies it into the storage over the files there, in place. When the storage fills during that copy, a file is cut
+short, and Tuner.restore fails on it (JSONDecodeError): the experiment could not be resumed. So, while the experiment
+runs, the driver keeps a copy of each file as it was when last whole, in GOOD beside them; --resume puts it back in
+place of a file cut short before anything reads the snapshot. Good copies of different moments are what a kill leaves
+too: the trial list is taken as the truth and the searcher brought in line with it (gopc/sweep/recovery.py). Only a
+storage folder is looked after: an object store (s3://...) replaces a file whole or not at all."""
 from __future__ import annotations
 
 import contextlib
@@ -29,28 +26,14 @@ GOOD = ".good"  # in the experiment's folder: Tune reads the snapshot from the f
 
 
 class _Stub:
-    """What every class and function of a pickle becomes while `whole` reads it: takes any argument and
-    any state, so nothing of the file runs and no module is imported."""
+    """What a pickle's classes and functions become while `whole` reads it: takes anything, runs and imports nothing."""
     def __new__(cls, *args, **kwargs):
         return object.__new__(cls)
 
-    def __init__(self, *args, **kwargs):
+    def _ignore(self, *args, **kwargs):
         pass
 
-    def __setstate__(self, state):
-        pass
-
-    def __setitem__(self, key, value):
-        pass
-
-    def append(self, item):
-        pass
-
-    def extend(self, items):
-        pass
-
-    def add(self, item):
-        pass
+    __init__ = __setstate__ = __setitem__ = append = extend = add = _ignore  # what unpickling calls on an object
 
 
 class _Probe(pickle.Unpickler):
@@ -70,9 +53,7 @@ def whole(name: str, data: bytes) -> bool:
         f = io.BytesIO(data)
         _Probe(f).load()
         return f.tell() == len(data)
-    except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
-        return False
-    except Exception:  # noqa: BLE001: a cut pickle fails in many ways (EOFError, UnpicklingError, a stub's missing method)
+    except Exception:  # noqa: BLE001: a cut file fails in many ways (JSONDecodeError, EOFError, UnpicklingError, ...)
         return False
 
 

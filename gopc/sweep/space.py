@@ -6,12 +6,12 @@
       stab.n_steps_h:  {low: 1, high: 3, type: int}
       stab.h_grad_limit: {low: 0.1, high: 10, log: true, when: {stab.h_grad: [clip_norm, clip_value]}}
 
-Keys are run-config fields (`section.key`). `when` makes a parameter conditional, the way Optuna
-expresses it: it is only suggested when the named earlier parameter took one of the listed values.
-"""
+Keys are run-config fields (`section.key`). `when` makes a parameter conditional, the way Optuna expresses it: it is
+only suggested when the named earlier parameter took one of the listed values."""
 from __future__ import annotations
 
 import dataclasses
+from typing import get_type_hints
 
 from gopc import config as C
 from gopc.errors import ConfigError
@@ -32,7 +32,7 @@ class Param:
 
 
 def _fields() -> dict[str, dataclasses.Field]:
-    return {f"{s}.{f.name}": f for s, cls in C._SECTIONS.items() for f in dataclasses.fields(cls)}
+    return {f"{s}.{f.name}": f for s, cls in C.SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
 def parse_space(raw, base: dict) -> list[Param]:
@@ -57,7 +57,7 @@ def parse_space(raw, base: dict) -> list[Param]:
         else:
             if p.low is None or p.high is None:
                 raise ConfigError(f"{where}: needs either choices or both low and high")
-            p.low, p.high = C._coerce(f"{where}.low", float, p.low), C._coerce(f"{where}.high", float, p.high)
+            p.low, p.high = C.coerce(f"{where}.low", float, p.low), C.coerce(f"{where}.high", float, p.high)
             if p.type not in ("float", "int"):
                 raise ConfigError(f"{where}.type: {p.type!r} is not float or int")
             if p.low >= p.high:
@@ -67,12 +67,12 @@ def parse_space(raw, base: dict) -> list[Param]:
             if p.type == "int" and (p.low != int(p.low) or p.high != int(p.high)):
                 raise ConfigError(f"{where}: an int range needs whole-number low and high")
             if p.step is not None:  # Optuna would refuse these only once the sweep has started
-                p.step = C._coerce(f"{where}.step", float, p.step)
+                p.step = C.coerce(f"{where}.step", float, p.step)
                 if p.step <= 0 or (p.type == "int" and p.step != int(p.step)):
                     raise ConfigError(f"{where}.step: {p.step:g} must be a positive{' whole' if p.type == 'int' else ''} number")
                 if p.log:
                     raise ConfigError(f"{where}.step: a log range takes no step; drop step or log")
-            field_type = C.get_type_hints(C._SECTIONS[name.split(".")[0]])[name.split(".")[1]]
+            field_type = get_type_hints(C.SECTIONS[name.split(".")[0]])[name.split(".")[1]]
             if field_type not in (float, int) or (field_type is int and p.type != "int"):
                 raise ConfigError(f"{where}: {name} is {getattr(field_type, '__name__', field_type)}; "
                                   f"use choices{', or type: int' if field_type is int else ''}")
@@ -85,11 +85,8 @@ def parse_space(raw, base: dict) -> list[Param]:
 
 
 def _check_value(where, name, value, base):
-    section, key = name.split(".")
-    trial = {s: dict(v or {}) for s, v in base.items()}
-    trial.setdefault(section, {})[key] = value
     try:
-        C.from_dict(trial)
+        apply(base, {name: value})
     except ConfigError as e:
         raise ConfigError(f"{where}: value {value!r} is refused by the run config ({e})") from None
 
@@ -125,7 +122,6 @@ class SearchSpace:
                 trial.suggest_int(p.name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
             else:
                 trial.suggest_float(p.name, p.low, p.high, log=p.log, step=p.step)
-        return None
 
 
 def trial_config(bases: dict[str, dict], config: dict) -> C.Config:

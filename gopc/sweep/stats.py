@@ -1,7 +1,6 @@
-"""The verdict's statistics, each a thin wrapper over scipy: Welch's difference with its interval and
-p-value, Hedges' g, TOST equivalence, Fisher's exact test of survival counts, Holm's correction, and the
-seeds per arm a difference would need (non-central t). Kept apart from verdict.py so that each can be
-checked on numbers given by hand (tests/test_verdict_stats.py)."""
+"""The verdict's statistics, each a thin wrapper over scipy: Welch's difference, interval and p-value, Hedges' g, TOST
+equivalence, Fisher's exact test of survival counts, Holm's correction, and the seeds per arm a difference would need
+(non-central t). Kept apart from verdict.py to be checked on numbers given by hand (tests/test_verdict_stats.py)."""
 from __future__ import annotations
 
 import math
@@ -37,8 +36,7 @@ def holm(p: list[float]) -> list[float]:
 
 
 def welch(a, b) -> dict:
-    """mean(a) - mean(b), Welch's 95% interval and two-sided p; NaN where a side has under two values
-    (or neither side varies: then nothing can be estimated)."""
+    """mean(a) - mean(b), Welch's 95% interval, two-sided p; NaN if a side has under two values or neither varies."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     d = float(a.mean() - b.mean()) if len(a) and len(b) else math.nan
     if len(a) < 2 or len(b) < 2 or (a.std() == 0 and b.std() == 0):

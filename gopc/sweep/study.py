@@ -1,8 +1,7 @@
-"""A study: the final training, done right. Each arm (GOPC-2 from a sweep's best configs, the GOPC-1 and
-VAE-1 baselines) trains over the same seeds, on the same data and budget, as one Tune trial per arm x
-seed with the divergence guard, on the sweep's Ray and MLflow machinery (gopc/sweep/run.py). Trials
-validate on the validation split and are judged once on the test split, which no sweep has seen;
-gopc/sweep/verdict.py turns them into the verdict.
+"""A study: the final training, done right. Each arm (GOPC-2 from a sweep's best configs, the GOPC-1 and VAE-1
+baselines) trains over the same seeds, on the same data and budget, as one Tune trial per arm x seed with the divergence
+guard, on the sweep's Ray and MLflow machinery (gopc/sweep/run.py). Trials validate on the validation split and are
+judged once on the test split, which no sweep has seen; gopc/sweep/verdict.py turns them into the verdict.
 
     arms:
       - {name: gopc2, sweep: gopc2_stability}        # the sweep's best config, read back from MLflow
@@ -21,6 +20,7 @@ import yaml
 
 from gopc import config as C
 from gopc.errors import ConfigError, GopcError
+from gopc.sweep import run as R
 from gopc.sweep import settings as S
 
 # The data and the budget: what every arm must share for the comparison to be fair.
@@ -35,8 +35,7 @@ class StudySettings(S.Common):
     arms: list = field(default_factory=list)  # as written; resolved into `arm_configs`
     allow: list[str] = field(default_factory=list)  # FAIR fields the arms may differ in
     primary: str = ""  # the verdict's primary metric; "" = the sweep objective (metric)
-    # equivalence margin: a fraction of the better trivial prediction's error (README: why 0.05)
-    equivalence: float = 0.05
+    equivalence: float = 0.05  # a margin: a fraction of the better trivial prediction's error (README: why 0.05)
     arm_configs: dict = field(default_factory=dict)  # arm name -> run config (dict), resolved at load
 
     @property
@@ -44,8 +43,7 @@ class StudySettings(S.Common):
         return self.arm_configs
 
 
-def _is_field(key: str) -> bool:
-    """Whether `key` (section.name) names a field of the run config."""
+def _is_field(key: str) -> bool:  # key: section.name
     section, _, name = key.partition(".")
     part = getattr(C.Config(), section, None)
     return dataclasses.is_dataclass(part) and name in {f.name for f in dataclasses.fields(part)}
@@ -54,10 +52,10 @@ def _is_field(key: str) -> bool:
 def load(path: str, preset: str | None = None, overrides: list[str] | None = None) -> StudySettings:
     raw = S.resolve(C.load_yaml(path), preset, overrides, StudySettings, "study")
     s = S.parse_common(raw, StudySettings, "study", ("seeds", "arms", "allow", "arm_configs"))
-    s.seeds = C._coerce("study.seeds", list[int], raw.get("seeds", s.seeds))
+    s.seeds = C.coerce("study.seeds", list[int], raw.get("seeds", s.seeds))
     if not s.seeds or len(set(s.seeds)) != len(s.seeds) or min(s.seeds) < 0:
         raise ConfigError(f"study.seeds: {s.seeds} must be distinct non-negative integers, e.g. [0, 1, 2, 3, 4]")
-    s.allow = C._coerce("study.allow", list[str], raw.get("allow") or [])
+    s.allow = C.coerce("study.allow", list[str], raw.get("allow") or [])
     if bad := [f for f in s.allow if f not in FAIR]:
         why = ("needs no allow: only the data and the budget must match across arms" if _is_field(bad[0])
                else "is not a config field")
@@ -160,14 +158,15 @@ def parent_params(s: StudySettings) -> dict:
     return params
 
 
-def summarise(s: StudySettings, results, parent: str) -> list[str]:
+def finish(s: StudySettings, results, parent: str) -> list[str]:
     from gopc.sweep.verdict import write_verdict
     return write_verdict(s, results, parent)
 
 
+STUDY = R.Kind("gopc2_study", "Final training: every arm over every seed on Ray, then the verdict on the test split",
+               load, tune_setup, finish, parent_params, lambda s: len(s.arm_configs) * len(s.seeds),
+               lambda s: (["model.kind", "train.seed"], "model.kind"), test=True, noun="study")
+
+
 def main(argv=None, default_config: str = "sweeps/gopc2_study.yaml") -> int:
-    from gopc.sweep.run import Kind, main as run_main
-    kind = Kind("gopc2_study", "Final training: every arm over every seed on Ray, then the verdict on the test split",
-                load, tune_setup, summarise, parent_params, lambda s: len(s.arm_configs) * len(s.seeds),
-                searched=False, test=True, noun="study")
-    return run_main(argv, default_config, kind)
+    return R.main(argv, default_config, STUDY)

@@ -1,16 +1,15 @@
-"""The sweep's summary, on the parent run: a table of all trials, the best config as YAML, and the
-pictures that answer "what keeps GOPC-2 finite": divergence rate and steps-to-divergence per
-stabilizer value, and Optuna's own views of the study (read from its storage): the optimisation
-history, parameter importances for the objective and for divergence, parallel coordinates, slices and
-contours."""
+"""The sweep's summary, on the parent run: all trials as a table, the best config as YAML, and pictures that answer
+"what keeps GOPC-2 finite": the outcomes per stabilizer value, and Optuna's views of the study (history, parameter
+importances for the objective and for divergence, parallel coordinates, slices, contours)."""
 from __future__ import annotations
 
 import csv
 import math
 import os
+import shutil
 import tempfile
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import matplotlib
 
@@ -21,9 +20,10 @@ import optuna  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
 from gopc import config as C  # noqa: E402
+from gopc import outcome as O  # noqa: E402
 from gopc.evaluate import scored_line  # noqa: E402
 from gopc.sweep.notes import Notes  # noqa: E402
-from gopc.sweep.searcher import COMPLETED, open_study, trained, trial_status  # noqa: E402
+from gopc.sweep.searcher import open_study, ran_to_the_end  # noqa: E402
 from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
 from gopc.sweep.parent_run import finish_parent  # noqa: E402
@@ -36,9 +36,9 @@ def trial_rows(s: Settings, results) -> list[dict]:
     rows = []
     for r in results:
         m = r.metrics or {}
-        status = trial_status(m, r.error is not None, steps)
+        status = O.of_trial(m, r.error is not None, steps)
         row = {"trial_id": m.get("trial_id") or os.path.basename(r.path or ""), "status": status,
-               "objective": "" if status == "diverged" else m.get("objective", float("nan")),  # not the penalty
+               "objective": "" if status == O.DIVERGED else m.get("objective", float("nan")),  # not the penalty
                "step": m.get("step", 0),
                "diverged_step": m.get("diverged_step", ""), "diverged_quantity": m.get("diverged_quantity", ""),
                "error": str(r.error).strip().splitlines()[0][:200] if r.error else ""}
@@ -55,9 +55,8 @@ def load_study(s: Settings) -> optuna.Study:
 
 
 def best_row(s: Settings, rows: list[dict]) -> dict | None:
-    """The best learned trial by the objective; if none learned, the best degraded one, then the best collapsed
-    one (the caller says so)."""
-    for status in COMPLETED:
+    """The best learned trial by the objective; else the best degraded, then collapsed one (the caller says so)."""
+    for status in O.TRAINED:
         done = [r for r in rows if r["status"] == status and math.isfinite(float(r["objective"]))]
         if done:
             return (min if s.mode == "min" else max)(done, key=lambda r: float(r["objective"]))
@@ -74,14 +73,10 @@ def _group_key(p, value, ran) -> str:
     return f"{edges[b]:.2g}-{edges[b + 1]:.2g}"
 
 
-OUTCOMES = {"learned": "tab:green", "degraded": "tab:olive", "collapsed": "tab:orange", "stopped early": "tab:gray",
-            "diverged": "tab:red"}  # bottom to top in the stacked bars
-
-
 def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
     """Per parameter, per value: the share of trials that learned, degraded, collapsed, were stopped early or
     diverged, stacked; n above each bar. Answers "which stabilizers make GOPC-2 train *and learn*"."""
-    ran = [r for r in rows if r["status"] != "errored"]
+    ran = [r for r in rows if r["status"] != O.ERRORED]
     cols = min(4, len(s.space))
     bands = -(-len(s.space) // cols)
     fig, grid = plt.subplots(bands, cols, figsize=(3.4 * cols, 3.2 * bands), squeeze=False)
@@ -93,7 +88,7 @@ def outcome_plot(s: Settings, rows: list[dict], path: str) -> str:
             groups[_group_key(p, r.get(p.name, ""), ran)].append(r["status"])
         keys = sorted(groups)
         bottom = np.zeros(len(keys))
-        for status, color in OUTCOMES.items():
+        for status, color in O.COLOUR.items():
             share = np.array([groups[k].count(status) / len(groups[k]) for k in keys])
             ax.bar(keys, share, bottom=bottom, color=color, label=status)
             bottom += share
@@ -113,10 +108,10 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
     """Optuna's own views of the study. All but the history leave diverged trials out: their value is a
     validation from before the blow-up, not what their config trains to (Optuna leaves out NaN targets)."""
     def objective(t):
-        return t.value if trained(t) else float("nan")
+        return t.value if ran_to_the_end(t) else float("nan")
 
     def diverged(t):
-        return t.user_attrs.get("diverged", 0.0)
+        return t.user_attrs.get(O.DIVERGED, 0.0)
 
     fanova = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
@@ -152,21 +147,19 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
 def _history(study: optuna.Study):
     """Optuna's history (infeasible trials grey), its value axis fitted to the trials that did not diverge."""
     ax = ovm.plot_optimization_history(study)
-    if values := [t.value for t in study.trials if trained(t)]:
+    if values := [t.value for t in study.trials if ran_to_the_end(t)]:
         pad = (max(values) - min(values)) * 0.1 or abs(values[0]) * 0.1 or 1.0
         ax.set_ylim(min(values) - pad, max(values) + pad)
-    off = sum(t.state == optuna.trial.TrialState.COMPLETE and not trained(t) for t in study.trials)
+    off = sum(t.state == optuna.trial.TrialState.COMPLETE and not ran_to_the_end(t) for t in study.trials)
     ax.set_title(f"optimisation history ({off} diverged trials at their last validation, infeasible)")
     return ax
 
 
-def summarise(s: Settings, results, parent_run_id: str) -> str | None:
+def summarise_sweep(s: Settings, results, parent_run_id: str) -> str | None:
     rows = trial_rows(s, results)
     study = load_study(s)
     Notes(s.metric, s.mode, C.from_dict(s.base).train.learned_margin).study(study)  # its last trials' counts
-    states = defaultdict(int)
-    for t in study.trials:
-        states[t.state.name] += 1
+    states = Counter(t.state.name for t in study.trials)
     # A local copy beside the experiment first: nothing is lost if MLflow is away at the end.
     local = "://" not in s.experiment_path
     folder = os.path.join(s.experiment_path, "summary") if local else tempfile.mkdtemp(prefix="gopc-sweep-")
@@ -186,14 +179,12 @@ def summarise(s: Settings, results, parent_run_id: str) -> str | None:
         cfg = apply(s.base, {p.name: best[p.name] for p in s.space if best[p.name] != ""})
         with open(best_path, "w") as f:
             f.write(f"# sweep {s.name}, trial {best['trial_id']}, {best['status']}: validation {scored_line(best, 'val/')}\n{C.dump(cfg)}")
-        files["best_config"] = os.path.join(folder, "best_config.yaml")
-        with open(best_path) as src, open(files["best_config"], "w") as dst:
-            dst.write(src.read())
+        files["best_config"] = shutil.copyfile(best_path, os.path.join(folder, "best_config.yaml"))
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1
-    metrics = {"n_trials": len(rows), "divergence_rate": counts["diverged"] / max(len(rows), 1),
-               "learned_rate": counts["learned"] / max(len(rows), 1),
+    metrics = {"n_trials": len(rows), "divergence_rate": counts[O.DIVERGED] / max(len(rows), 1),
+               "learned_rate": counts[O.LEARNED] / max(len(rows), 1),
                **{f"n_{k.replace(' ', '_')}": v for k, v in counts.items()},
                **{f"optuna_{k.lower()}": v for k, v in states.items()},
                "best_objective": float(best["objective"]) if best else float("nan")}
@@ -210,11 +201,11 @@ def verdict_line(best: dict | None) -> str:
     """The sweep's answer in one line: whether any trial learned, and what the best one scored."""
     if best is None:
         return "No trial trained to the end: every trial diverged, errored or was stopped early. No config to export."
-    if best["status"] == "degraded":
+    if best["status"] == O.DEGRADED:
         return (f"No trial learned to its end: the best one learned, then unlearned (degraded: its prior skill peaked at "
                 f"{float(best.get('val/prior/peak_skill_mse', 'nan')):+.2f} at step {best.get('val/prior/peak_step', '?')}); "
                 f"at its end: validation {scored_line(best, 'val/')}. The exported config is the least bad, not a trained model.")
-    if best["status"] != "learned":
+    if best["status"] != O.LEARNED:
         return ("No trial learned: every finished trial's one-step prior is no better than a blank or the last frame "
                 f"(best {best['status']}: validation {scored_line(best, 'val/')}). The exported config is the least bad, not a trained model.")
     return f"best trial {best['trial_id']}: {best['status']}: validation {scored_line(best, 'val/')}"

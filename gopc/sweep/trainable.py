@@ -1,15 +1,12 @@
 """One Tune trial: the foundation's training loop, reporting through `tune.report`.
 
-Each Tune iteration is `report_every` training steps followed by a validation pass, so ASHA compares
-trials on the objective itself. A diverged trial reports once more, in the step its guard fired, with
-a finite penalty as the objective and `diverged=1`, then returns: it never raises, because a raised
-trial is retried by FailureConfig and ignored by TPE. The penalty is for Tune alone (ASHA must rank a
-diverged trial last); every report also carries `study_value`, what the Optuna study is told instead:
-the last finite validation of the objective, or the blank frame's score before there was one, a real
-number on the objective's own scale. With the sweep's `objective_window` k > 1, the objective is the
-mean of the last k validations: a trial that peaks, then falls, is scored by its fall. A study's trial (one arm, one seed), having
-selected nothing on the test split, is then evaluated on it once, for the verdict.
-"""
+Each Tune iteration is `report_every` training steps followed by a validation pass, so ASHA compares trials on the
+objective itself. A diverged trial reports once more, in the step its guard fired, with a finite penalty as the
+objective and `diverged=1`, then returns: it never raises (FailureConfig would retry it; gopc/sweep/searcher.py). The
+penalty is for Tune alone (ASHA must rank a diverged trial last); every report also carries `study_value`, what the
+Optuna study is told instead: the last finite validation of the objective (over the sweep's `objective_window`), or the
+blank frame's score before there was one. A study's trial (one arm, one seed), having selected nothing on the test
+split, is then evaluated on it once, for the verdict."""
 from __future__ import annotations
 
 import os
@@ -18,16 +15,16 @@ import shutil
 import torch
 from ray import tune
 
+from gopc import outcome as O
 from gopc.disk import no_space
-from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, outcome, validations
+from gopc.evaluate import TEST_DIR, blank_scores, evaluate_saved, validations
 from gopc.sweep import full_disk
 from gopc.sweep.space import trial_config
 from gopc.train import Hooks, train
 
 
 class TuneHooks(Hooks):
-    # A trial that ASHA stops never reaches its final evaluation; drawing the grids at every
-    # validation puts the latest ones in every checkpoint, so every trial's run shows predictions.
+    # ASHA-stopped trials never reach the final evaluation: grids at every validation, so every run shows predictions
     grids_at_every_eval = True
 
     def __init__(self, metric: str, penalty: float, run_dir: str, margin: float, window: int = 1):
@@ -49,9 +46,9 @@ class TuneHooks(Hooks):
             metrics = blank_scores(build_datasets(self.cfg.data)["val"][: self.cfg.train.eval_size], self.cfg)
         return float(metrics.get(f"{section}/blank_{name}", float("nan")))
 
-    def schedule(self, t, report_every: int) -> None:
-        """Validate and checkpoint at every Tune iteration (`t` is the trial's train config); a restarted
-        trial resumes from the last one. bench/overhead.py's subclasses change this, one cost at a time."""
+    def set_schedule(self, t, report_every: int) -> None:
+        """Sets the trial's train config `t` to validate and checkpoint at every Tune iteration; a
+        restarted trial resumes from the last one. bench/overhead.py's subclasses change this, one cost at a time."""
         t.eval_every, t.ckpt_every, t.log_every = report_every, report_every, report_every
 
     def metrics(self, step, metrics, checkpoint):
@@ -67,34 +64,32 @@ class TuneHooks(Hooks):
             finite = objective == objective and abs(objective) != float("inf")
         if finite:
             self.last_value = float(objective)
-        word = outcome(metrics, self.margin)
+        word = O.classify(metrics, self.margin)
         report = {**self.last_train, **{f"val/{k}": v for k, v in metrics.items()}, "step": step,
-                  "objective": objective if finite else self.penalty, "diverged": 0.0,
+                  "objective": objective if finite else self.penalty, O.DIVERGED: 0.0,
                   "study_value": self.last_value if self.last_value is not None else self.blank_value(metrics),
-                  "learned": float(word == "learned"), "degraded": float(word == "degraded")}
+                  O.LEARNED: float(word == O.LEARNED), O.DEGRADED: float(word == O.DEGRADED)}
         self.report(report, with_checkpoint=self.checkpoint is not None)
 
     def diverged(self, record, run_dir):
         # last_train holds the last finite step's loss and norms (train.py reports them just before)
         value = self.last_value if self.last_value is not None else self.blank_value()
-        self.report({**self.last_train, "step": record.step, "objective": self.penalty, "diverged": 1.0,
+        self.report({**self.last_train, "step": record.step, "objective": self.penalty, O.DIVERGED: 1.0,
                      "study_value": value, "validated_before": float(self.last_value is not None),
                      "diverged_step": record.step, "diverged_quantity": record.quantity,
                      "diverged_frame": -1 if record.frame is None else record.frame,
                      "max_grad_norm_before": record.max_grad_norm_before}, with_checkpoint=True)
 
     def train(self, cfg, run_dir: str, resume_from: str | None):
-        """The trial's training: gopc/train.py's loop, reporting through these hooks. bench/scale.py's
-        subclass waits instead, to measure what the service costs around the training."""
+        """gopc/train.py's loop through these hooks; bench/scale.py's subclass waits instead, to measure the service."""
         # field: what the user set to place the trial's folder (Tune puts it under the sweep's storage)
         return train(cfg, run_dir, self, resume_from=resume_from, progress=False, field="storage")
 
     def report(self, metrics, with_checkpoint):
         """Tells Tune; with the run folder as the checkpoint when it holds a new one (or must: the end)."""
         self.checkpoint, self.last_report = None, metrics
-        if not with_checkpoint:
-            return tune.report(metrics)
-        return tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(self.run_dir))
+        checkpoint = tune.Checkpoint.from_directory(self.run_dir) if with_checkpoint else None
+        return tune.report(metrics, checkpoint=checkpoint)
 
 
 def run_trial(config: dict, bases: dict, metric: str, penalty: float, report_every: int, test: bool = False,
@@ -119,7 +114,7 @@ def _run(cfg, run_dir: str, hooks: TuneHooks, report_every: int, test: bool) -> 
         restored.to_directory(run_dir)
         if os.path.exists(ckpt := os.path.join(run_dir, "checkpoint.pt")):
             resume_from = ckpt
-    hooks.schedule(cfg.train, report_every)
+    hooks.set_schedule(cfg.train, report_every)
     result = hooks.train(cfg, run_dir, resume_from)
     if test and result.status == "completed":
         metrics = evaluate_saved(run_dir, "test", os.path.join(run_dir, TEST_DIR))

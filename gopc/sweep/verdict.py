@@ -1,18 +1,13 @@
-"""The verdict of a study: per arm, which seeds survived and its test errors as means with 95% intervals
-over the seeds, beside the trivial predictions; per pair (every two arms of which one is GOPC-2), the
-survival counts compared and, per metric, the difference with its interval and one word. Written as
-verdict.json, report.md and three pictures, kept beside the experiment and logged on the study's MLflow
-parent run, and printed as a table, the primary metric and survival first.
+"""The verdict of a study (verdict.json, report.md and pictures beside the experiment, logged on its MLflow parent run,
+printed as a table): per arm, which seeds survived and its test errors as means with 95% intervals over the seeds,
+beside the trivial predictions; per pair (every two arms of which one is GOPC-2), survival and each metric compared.
 
-Survival: Fisher's exact test, Holm-corrected over the pairs: "survives more often" / "less often" /
-"inconclusive". Metrics (gopc/sweep/stats.py): Welch's difference, interval and p-value, Hedges' g, Holm
-within the primary metric's pairs and, apart, within the secondary metrics' pairs, so that the many
-secondary comparisons do not dilute the primary one. "better" / "worse" when the adjusted p is below
-0.05; "equivalent" when the (Holm-adjusted) TOST shows the difference within the study's `equivalence`
-margin; "inconclusive" otherwise, with the seeds per arm that would detect the observed difference. A
-pair with an arm that did not learn on every surviving seed is "not comparable": an arm that learned
-nothing is never ranked, nor called equal.
-"""
+Survival: Fisher's exact test, Holm-corrected over the pairs: "survives more often" / "less often" / "inconclusive".
+Metrics (gopc/sweep/stats.py): Holm within the primary metric's pairs and, apart, within the secondary metrics' pairs,
+so that the many secondary comparisons do not dilute the primary one. "better" / "worse" when the adjusted p is below
+0.05; "equivalent" when the Holm-adjusted TOST shows the difference within the study's `equivalence` margin;
+"inconclusive" otherwise, with the seeds per arm that would detect it. A pair with an arm that did not learn on every
+surviving seed is "not comparable": an arm that learned nothing is never ranked, nor called equal."""
 from __future__ import annotations
 
 import json
@@ -28,13 +23,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
 
 from gopc import config as C  # noqa: E402
-from gopc.evaluate import SECTIONS, TEST_DIR, outcome  # noqa: E402
+from gopc import outcome as O  # noqa: E402
+from gopc.evaluate import SECTIONS, TEST_DIR  # noqa: E402
 from gopc.metrics import SKILL_METRICS  # noqa: E402
 from gopc.sweep import stats as St  # noqa: E402
-from gopc.sweep.over_training import curve, summarise, survival_plot, training_plot  # noqa: E402
+from gopc.sweep.over_training import across_seeds, curve, survival_plot, training_plot  # noqa: E402
 from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
 METRICS = [f"{s}/{m}" for s in SECTIONS for m in SKILL_METRICS]  # the verdict's errors (MSE, BCE, SSIM)
@@ -47,8 +42,7 @@ def higher_is_better(metric: str) -> bool:
 
 
 def equivalence_margin(metric: str, trivial: dict, fraction: float) -> float:
-    """The equivalence margin in the metric's units: `fraction` of the better trivial prediction's error
-    (for SSIM, of the room it leaves below 1, as in the skill scores)."""
+    """`fraction` of the better trivial prediction's error, in the metric's units (for SSIM: of 1 - its SSIM)."""
     section, name = metric.split("/")
     refs = [trivial[f"{section}/{ref}_{name}"] for ref in ("blank", "last") if f"{section}/{ref}_{name}" in trivial]
     if not refs:
@@ -57,8 +51,7 @@ def equivalence_margin(metric: str, trivial: dict, fraction: float) -> float:
 
 
 def word(metric: str, pair: dict) -> str:
-    """better / worse for arm a when Holm's adjusted p is below 0.05; equivalent when the Holm-adjusted
-    TOST p is; inconclusive otherwise."""
+    """The pair's word for arm a, as the module's docstring says."""
     if pair["p_holm"] is not None and pair["p_holm"] < St.ALPHA:
         sign = 1 if higher_is_better(metric) else -1
         return "better" if sign * pair["diff"]["mean"] > 0 else "worse"
@@ -68,7 +61,6 @@ def word(metric: str, pair: dict) -> str:
 
 
 def _shown(x, spec: str) -> str:
-    """A number as `spec` formats it; "-" for one that was not computed (None or NaN)."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
@@ -90,16 +82,15 @@ def arm_pairs(arms: dict) -> list[tuple[str, str]]:
 
 
 def compare(arms: dict, runs: dict, primary: str, fraction: float) -> tuple[list[dict], list[dict]]:
-    """The pairs (every metric) and the survival comparisons, Holm-corrected within three families:
-    survival, the primary metric, the secondary metrics."""
+    """The pairs (every metric) and the survival comparisons, Holm-corrected within their families (above)."""
     values = {n: {m: [x["test"][m] for x in runs[n] if x["test"]] for m in METRICS} for n in arms}
     trivial = next((a["trivial"] for a in arms.values() if a["trivial"]), {})
     survival, pairs = [], []
     for a, b in arm_pairs(arms):
-        counts = [(arms[n]["survived"], len(arms[n]["seeds"]) - len(arms[n]["errored"])) for n in (a, b)]
+        counts = [(arms[n]["survived"], len(arms[n]["seeds"]) - len(arms[n][O.ERRORED])) for n in (a, b)]
         survival.append({"a": a, "b": b, "a_survived": counts[0][0], "b_survived": counts[1][0],
                          "n": counts[0][1], "b_n": counts[1][1], "p": St.survival(*counts[0], *counts[1])})
-        unlearned = [n for n in (a, b) if arms[n]["outcome"] != "learned"]
+        unlearned = [n for n in (a, b) if arms[n]["outcome"] != O.LEARNED]
         for metric in METRICS:
             xa, xb = values[a][metric], values[b][metric]
             w = St.welch(xa, xb)
@@ -108,8 +99,7 @@ def compare(arms: dict, runs: dict, primary: str, fraction: float) -> tuple[list
                     "p_tost": None, "p_tost_holm": None, "seeds_needed": None,
                     "margin": _nan_none(equivalence_margin(metric, trivial, fraction))}
             if unlearned:  # a model that learned nothing is never ranked, nor called equal to another
-                pair["word"] = "not comparable"
-                pair["why"] = "; ".join(f"{n} {arms[n]['outcome']}" for n in unlearned)
+                pair.update(word="not comparable", why="; ".join(f"{n} {arms[n]['outcome']}" for n in unlearned))
             elif pair["margin"] is not None:
                 pair["p_tost"] = _nan_none(St.tost(xa, xb, pair["margin"]))
             pairs.append(pair)
@@ -130,23 +120,20 @@ def compare(arms: dict, runs: dict, primary: str, fraction: float) -> tuple[list
 
 
 def collect(s, results) -> dict[str, list[dict]]:
-    """Per arm, one record per seed: status, the step it diverged at, its validation curve, test metrics,
-    its checkpoint."""
-    from gopc.sweep.searcher import trial_status
+    """Per arm, one record per seed: status, step it diverged at, validation curve, test metrics, checkpoint."""
     steps = C.from_dict(s.base).train.steps
     runs = defaultdict(list)
     for r, config in zip(results, trial_configs(results)):
         m = r.metrics or {}
         runs[config["arm"]].append({
-            "seed": config["train.seed"], "status": trial_status(m, r.error is not None, steps),
+            "seed": config["train.seed"], "status": O.of_trial(m, r.error is not None, steps),
             "diverged_step": m.get("diverged_step"), "checkpoint": r.checkpoint, "curve": curve(r),
             "test": {k[len("test/"):]: v for k, v in m.items() if k.startswith("test/")}})
     return {arm: sorted(runs[arm], key=lambda x: x["seed"]) for arm in s.arm_configs}
 
 
 def trial_configs(results) -> list[dict]:
-    """Each result's trial config. Tune's result of a trial that errored before it reported has none; the
-    experiment's trial list has every trial's."""
+    """Each result's trial config; from the experiment's trial list for one that errored before it reported."""
     configs = [r.config for r in results]
     if any(c is None for c in configs):
         from ray.tune import ExperimentAnalysis
@@ -156,13 +143,24 @@ def trial_configs(results) -> list[dict]:
 
 
 def seed_outcome(x: dict, margin: float) -> str:
-    """`degraded` when the seed's validations rose above the margin and then fell (the rule of
-    gopc/evaluate.py outcome(), on its validation curve); else learned or collapsed on the test split."""
+    """Degraded if its validation curve rose above the margin, then fell (O.classify); else its test split's word."""
     if x["curve"]:
         ends = {"prior/skill_mse": x["curve"][-1][1], "prior/peak_skill_mse": max(s for _, s in x["curve"])}
-        if outcome(ends, margin) == "degraded":
-            return "degraded"
-    return outcome(x["test"], margin)
+        if O.classify(ends, margin) == O.DEGRADED:
+            return O.DEGRADED
+    return O.classify(x["test"], margin)
+
+
+def arm_outcome(statuses: list[str], outcomes: list[str]) -> str:
+    """An arm's word from its seeds' statuses and its survivors' outcomes: one word when they agree."""
+    if all(x == O.ERRORED for x in statuses):
+        return O.ERRORED
+    if not outcomes:
+        return O.DIVERGED
+    learned, degraded = outcomes.count(O.LEARNED), outcomes.count(O.DEGRADED)
+    if len(set(outcomes)) == 1:
+        return outcomes[0]
+    return f"mixed ({learned} of {len(outcomes)} {O.LEARNED}" + (f", {degraded} {O.DEGRADED})" if degraded else ")")
 
 
 def build(s, runs: dict[str, list[dict]]) -> dict:
@@ -171,16 +169,13 @@ def build(s, runs: dict[str, list[dict]]) -> dict:
         alive = [x for x in seeds if x["test"]]
         margin = C.from_dict(s.arm_configs[name]).train.learned_margin
         outcomes = [seed_outcome(x, margin) for x in alive]
-        learned, degraded = outcomes.count("learned"), outcomes.count("degraded")
         arms[name] = {
             "model": s.arm_configs[name]["model"]["kind"], "seeds": [x["seed"] for x in seeds],
             "survived": len(alive), "survivors": [x["seed"] for x in alive],
-            "diverged": {str(x["seed"]): x["diverged_step"] for x in seeds if x["status"] == "diverged"},
-            "errored": [x["seed"] for x in seeds if x["status"] == "errored"],
-            "outcome": ("errored" if all(x["status"] == "errored" for x in seeds) else "diverged" if not alive else "learned" if learned == len(alive) else
-                        "degraded" if degraded == len(alive) else "collapsed" if learned + degraded == 0 else
-                        f"mixed ({learned} of {len(alive)} learned" + (f", {degraded} degraded)" if degraded else ")")),
-            "training": summarise(seeds),
+            O.DIVERGED: {str(x["seed"]): x["diverged_step"] for x in seeds if x["status"] == O.DIVERGED},
+            O.ERRORED: [x["seed"] for x in seeds if x["status"] == O.ERRORED],
+            "outcome": arm_outcome([x["status"] for x in seeds], outcomes),
+            "training": across_seeds(seeds),
             "metrics": {k: St.interval([x["test"][k] for x in alive]) for k in METRICS + SKILLS},
             "trivial": {k: float(np.mean([x["test"][k] for x in alive])) for k in TRIVIAL} if alive else {}}
     pairs, survival = compare(arms, runs, s.primary, s.equivalence)
@@ -221,14 +216,14 @@ def table(v: dict) -> str:
     if trained:
         lines.append("validation prior MSE skill over training, mean [95% interval] over survivors (training.png):")
         lines += [f"  {name}: peak {skill(t['peak'])}; end {skill(t['final'])}" for name, t in trained.items()]
-    why = {"diverged": "no seed survived",
-           "degraded": "on every surviving seed it learned, then unlearned: its validation skill fell below the "
+    why = {O.DIVERGED: "no seed survived",
+           O.DEGRADED: "on every surviving seed it learned, then unlearned: its validation skill fell below the "
                        "margin or below half its peak",
-           "collapsed": "on every surviving seed its one-step prior is no better than a blank or the last frame: "
+           O.COLLAPSED: "on every surviving seed its one-step prior is no better than a blank or the last frame: "
                         "it learned nothing"}
     lines += [f"{name}: {a['outcome']}: " + why.get(a["outcome"], "not every surviving seed learned to the end; the "
                                                     "others collapsed or degraded")
-              for name, a in v["arms"].items() if a["outcome"] != "learned"]
+              for name, a in v["arms"].items() if a["outcome"] != O.LEARNED]
     return "\n".join(lines)
 
 

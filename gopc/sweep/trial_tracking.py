@@ -1,10 +1,8 @@
 """MLflow from the driver: one nested child run per trial, under the parent run of gopc/sweep/parent_run.py.
 
-Everything is logged by this Tune callback on the driver (the head node), never from the trials, so
-the tracking server can listen on the head's loopback only, and SQLite sees a single writer. Runs are
-found again by tags (sweep name, trial id) rather than held in memory, so a resumed sweep carries on
-with the same runs instead of duplicating them.
-"""
+Everything is logged by this Tune callback on the driver (the head node), never from the trials, so the tracking server
+can listen on the head's loopback only, and SQLite sees a single writer. Runs are found again by tags (sweep name, trial
+id) rather than held in memory, so a resumed sweep carries on with the same runs instead of duplicating them."""
 from __future__ import annotations
 
 import os
@@ -20,18 +18,14 @@ from PIL import Image
 from ray import tune
 
 from gopc import config as C
+from gopc import outcome as O
 from gopc.sweep.notes import GRIDS  # eval/*.png drawn at every validation, logged as MLflow images
-from gopc.sweep.searcher import trial_status
 from gopc.sweep.space import trial_config
-from gopc.tracking import logged_steps
+from gopc.run_tracking import logged_steps
 
 DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_grad_norm_before")
-# What a user charts: the real metrics, never Tune's `objective` (a copy of the metric, or for a diverged
-# trial the searcher's penalty, which would flatten every sort, average and chart).
-LOGGED = ("diverged", "learned", "degraded", "diverged_step", "max_grad_norm_before")
-# The MLflow status each outcome ends in, so the runs table shows it by its icon.
-RUN_STATUS = {"learned": "FINISHED", "degraded": "FINISHED", "collapsed": "FINISHED", "diverged": "FAILED", "errored": "FAILED",
-              "stopped early": "KILLED", "interrupted": "KILLED"}  # interrupted: a signal to the driver
+# What a user charts: never Tune's `objective` (a diverged trial's penalty would flatten every sort and average)
+LOGGED = (O.DIVERGED, O.LEARNED, O.DEGRADED, "diverged_step", "max_grad_norm_before")
 
 
 def run_name(config: dict) -> str:
@@ -42,10 +36,9 @@ def run_name(config: dict) -> str:
 
 
 class SweepTracker(tune.Callback):
-    """Every write is an operation (start / metrics / finish, keyed by trial id) in an ordered queue.
-    When the tracking server is away the queue waits, trials keep training, and the writes are replayed
-    in order once it answers again. What is still queued is kept beside the experiment
-    (`mlflow_pending.pkl`), so a driver restart replays it too."""
+    """Every write is an operation (start / metrics / finish, keyed by trial id) in an ordered queue. When the tracking
+    server is away the queue waits, trials keep training, and the writes are replayed in order once it answers again.
+    What is still queued is kept beside the experiment (`mlflow_pending.pkl`), so a driver restart replays it too."""
 
     RETRY_S = 10  # how long to leave an unreachable server alone between tries
 
@@ -96,7 +89,7 @@ class SweepTracker(tune.Callback):
         self._checkpoints[trial.trial_id] = checkpoint
         result = trial.last_result or {}
         step = int(result.get("step", 0))
-        if result.get("diverged") or self._imaged.get(trial.trial_id) == step:
+        if result.get(O.DIVERGED) or self._imaged.get(trial.trial_id) == step:
             return
         self._imaged[trial.trial_id] = step
         with checkpoint.as_directory() as folder:
@@ -106,15 +99,15 @@ class SweepTracker(tune.Callback):
             self.submit("images", trial, {"step": step, "images": images})
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, trial_status(trial.last_result, False, self.total_steps))
+        self._finish(trial, O.of_trial(trial.last_result, False, self.total_steps))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "errored")
+        self._finish(trial, O.ERRORED)
 
     def on_experiment_end(self, trials, **info):
         for trial in trials:  # still open when the experiment ends: a signal stopped it (--resume goes on)
             if trial.trial_id in self._open:
-                self._finish(trial, "interrupted")
+                self._finish(trial, O.INTERRUPTED)
         self.drain(wait_s=120)
 
     def _finish(self, trial, status: str):
@@ -122,7 +115,7 @@ class SweepTracker(tune.Callback):
         self.submit("finish", trial, {
             "status": status, "result": dict(trial.last_result or {}),
             "checkpoint": self._checkpoints.get(trial.trial_id) or trial.checkpoint,
-            "error": error_text(trial) if status == "errored" else ""})
+            "error": error_text(trial) if status == O.ERRORED else ""})
 
     # the queue -----------------------------------------------------------------------------------
     def submit(self, op: str, trial, payload: dict):
@@ -161,16 +154,15 @@ class SweepTracker(tune.Callback):
         return not self._pending
 
     # the operations (each idempotent, so a replay after a partial failure is harmless) -------------
-    def run_id(self, trial_id: str, config: dict) -> str:
+    def find_or_create_run(self, trial_id: str, config: dict) -> str:
         if trial_id in self._runs:
             return self._runs[trial_id]
         exp_id = self.client.get_run(self.parent).info.experiment_id
         found = self.client.search_runs(
             [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}' and tags.trial_id = '{trial_id}'")
-        # a restarted driver may get results again that the run already holds (a resumed trial repeats the
-        # steps after its checkpoint): those steps are not logged twice
+        # the steps the run already holds, which a restarted driver may get again (_do_metrics)
         self._logged[trial_id] = logged_steps(self.client, found[0].info.run_id) if found else {}
-        if found and found[0].data.tags.get("status") == "interrupted":  # resumed: it runs again
+        if found and found[0].data.tags.get("status") == O.INTERRUPTED:  # resumed: it runs again
             self.client.update_run(found[0].info.run_id, "RUNNING")
             self.client.set_tag(found[0].info.run_id, "status", "running")
         run = found[0] if found else self.client.create_run(exp_id, run_name=run_name(config), tags={
@@ -184,39 +176,39 @@ class SweepTracker(tune.Callback):
         return run.info.run_id
 
     def _do_start(self, trial_id, config):
-        self.run_id(trial_id, config)
+        self.find_or_create_run(trial_id, config)
 
     def _do_metrics(self, trial_id, metrics, config):
         # Never a (key, step) twice: not what a killed driver logged, not a retried trial's repeat of the
         # steps after its checkpoint, not a study's last report repeated beside its test metrics.
-        run_id, logged = self.run_id(trial_id, config), self._logged[trial_id]
+        run_id, logged = self.find_or_create_run(trial_id, config), self._logged[trial_id]
         if new := [m for m in metrics if m.step > logged.get(m.key, -1)]:
             self.client.log_batch(run_id, metrics=new)
             logged.update({m.key: max(m.step, logged.get(m.key, -1)) for m in new})
 
     def _do_images(self, trial_id, step, images, config):
-        run_id = self.run_id(trial_id, config)
+        run_id = self.find_or_create_run(trial_id, config)
         for name, image in images.items():
             self.client.log_image(run_id, image, key=f"predictions/{name}", step=step)
 
     def _do_finish(self, trial_id, status, result, checkpoint, error, config):
-        run_id = self.run_id(trial_id, config)
+        run_id = self.find_or_create_run(trial_id, config)
         tags = [RunTag("status", status)]
-        if status == "diverged":
+        if status == O.DIVERGED:
             record = {k: result.get(k) for k in DIVERGENCE_KEYS}
             record["step"] = record.pop("diverged_step")
             self.client.log_dict(run_id, record, "divergence.json")
             tags += [RunTag("diverged_step", str(record["step"])),
                      RunTag("diverged_quantity", str(record["diverged_quantity"]))]
-        if status == "errored":
+        if status == O.ERRORED:
             tags.append(RunTag("error", error.strip().splitlines()[-1][:500] if error.strip() else "unknown"))
             self.client.log_text(run_id, error, "error.txt")
-        if checkpoint is not None and status != "interrupted":  # its last grids come with its real end
+        if checkpoint is not None and status != O.INTERRUPTED:  # its last grids come with its real end
             with checkpoint.as_directory() as folder:
                 if os.path.isdir(eval_dir := os.path.join(folder, "eval")):
                     self.client.log_artifacts(run_id, eval_dir, "eval")
         self.client.log_batch(run_id, tags=tags)
-        self.client.set_terminated(run_id, RUN_STATUS[status])
+        self.client.set_terminated(run_id, O.MLFLOW_STATUS[status])
 
 
 def load_pending(path: str) -> list:
@@ -243,7 +235,4 @@ def error_text(trial) -> str:
     if path and os.path.exists(path):
         with open(path) as f:
             return f.read()
-    err = trial.get_error() if hasattr(trial, "get_error") else None
-    return str(err or "")
-
-
+    return str(trial.get_error() or "") if hasattr(trial, "get_error") else ""
