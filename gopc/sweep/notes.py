@@ -81,7 +81,7 @@ def trial_note(number: int, trial_id: str, status: str, result: dict, metric: st
                 else "before its first validation, so its value is the blank frame's score")
         lines += [f"**Diverged** at step {step}: non-finite `{r.get('diverged_quantity', '?')}` "
                   f"(max gradient norm before: {_f(r.get('max_grad_norm_before'), '.3g')}). It diverged {when}; "
-                  "the constraint `diverged` > 0 marks it infeasible.", ""]
+                  f"the constraint `{O.DIVERGED}` > 0 marks it infeasible.", ""]
     elif status == O.LEARNED:
         lines += [f"**Learned**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '.0%')} below the better "
                   f"trivial prediction (margin {margin:.0%}).", ""]
@@ -92,7 +92,7 @@ def trial_note(number: int, trial_id: str, status: str, result: dict, metric: st
     elif status == O.COLLAPSED:
         lines += [f"**Collapsed**: the one-step prior's MSE is {_f(r.get('val/prior/skill_mse'), '+.0%')} against the "
                   f"better trivial prediction (margin {margin:.0%}): it learned nothing useful; the constraint "
-                  "`collapsed` > 0 marks it infeasible.", ""]
+                  f"`{O.COLLAPSED}` > 0 marks it infeasible.", ""]
     elif status == O.STOPPED_EARLY:
         lines += [f"**Stopped early** by ASHA at step {int(r.get('step', 0))}: told PRUNED, with the validations Tune "
                   "passed on before that one as its intermediate values.", ""]
@@ -133,8 +133,8 @@ def study_note(study_name: str, tally: Tally, metric: str, mode: str, margin: fl
         f"frame by {margin:.0%}; else it **collapsed**, or **degraded** when an earlier validation had learned "
         "(its end fell below the margin, or below half its peak).", "",
         "Every value is a real validation: a diverged trial's value is its last validation (or the blank frame's "
-        "score when it diverged before any), and it is infeasible (`diverged` > 0), as a collapsed one is "
-        "(`collapsed` > 0). Trials stopped early by ASHA are PRUNED.", "",
+        f"score when it diverged before any), and it is infeasible (`{O.DIVERGED}` > 0), as a collapsed one is "
+        f"(`{O.COLLAPSED}` > 0). Trials stopped early by ASHA are PRUNED.", "",
         f"**{n} trials finished**: " + ", ".join(f"{v} {k}" for k, v in tally.counts.items() if v), "",
         f"**Best learned trial**: {best[0]} ({metric} {best[1]:.4f})" if best else
         "**Best learned trial**: none yet (no trial has learned); optuna-dashboard's Best Trial card then shows "
