@@ -13,7 +13,8 @@ def quiet_libraries(verbose: bool) -> None:
     global _level
     _level = logging.INFO if verbose else logging.WARNING
     name = logging.getLevelName(_level)
-    os.environ["MLFLOW_LOGGING_LEVEL"] = name  # read when mlflow is imported: here, and in Ray's workers
+    if verbose or "MLFLOW_LOGGING_LEVEL" not in os.environ:  # a level the user set is theirs
+        os.environ["MLFLOW_LOGGING_LEVEL"] = name  # read when mlflow is imported: here, and in Ray's workers
     for logger in ("mlflow", "ray", "optuna"):  # already imported: set them as well
         logging.getLogger(logger).setLevel(_level)
 

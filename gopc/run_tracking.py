@@ -107,6 +107,16 @@ def run_uri(cfg: Config, run_dir: str | None = None) -> str:
     return resolve_uri(cfg.mlflow.tracking_uri)
 
 
+def every_run(client, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
+    """Every run the filter matches: search_runs answers at most 1,000 a page (a sweep may have more trials)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=page_size, page_token=token)
+        runs += page
+        if not (token := page.token):
+            return runs
+
+
 def logged_steps(client, run_id: str) -> dict[str, int]:
     """The last step of each metric a run already holds (a resumed run logs only the steps after it)."""
     return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in client.get_run(run_id).data.metrics}

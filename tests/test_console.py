@@ -13,10 +13,11 @@ RUN = {"data": {"frame_size": 32, "seq_len": 4, "n_train": 16, "n_val": 4, "n_te
 LIBRARY_INFO = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO ", re.M)  # MLflow's line format
 
 
-def gopc_train(folder, *options) -> str:
+def gopc_train(folder, *options, env=None) -> str:
     (folder / "run.yaml").write_text(yaml.safe_dump(RUN))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_LOGGING_LEVEL"} | (env or {})
     done = subprocess.run([GOPC, *options, "train", "--config", "run.yaml", "--out", "r", "--quiet"], cwd=folder,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout + done.stderr
 
@@ -29,3 +30,8 @@ def test_gopc_train_on_a_fresh_folder_prints_no_info_line_of_mlflow_unless_verbo
     assert "outcome: " in quiet and "pickle" not in quiet.lower()  # its own lines; not MLflow's pickle warning
     verbose = gopc_train(tmp_path / "verbose", "--verbose")
     assert "Creating initial MLflow database tables" in verbose and LIBRARY_INFO.search(verbose), verbose
+
+
+def test_a_level_the_user_set_for_mlflow_is_kept_without_verbose(tmp_path):
+    shown = gopc_train(tmp_path, env={"MLFLOW_LOGGING_LEVEL": "INFO"})
+    assert "Creating initial MLflow database tables" in shown, shown

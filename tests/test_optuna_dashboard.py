@@ -80,3 +80,16 @@ def test_a_trials_note_links_its_mlflow_run_beside_its_prediction_grids(dashboar
     assert images.count() == 2  # inference.png and rollout.png of its last validation
     page.wait_for_function("() => [...document.querySelectorAll('img[src*=\"/artifacts/\"]')]"
                            ".every(e => e.complete && e.naturalWidth > 0)")
+
+
+def test_a_trial_note_noted_again_shorter_reads_back_as_optuna_dashboard_reads_it(tmp_path):
+    from optuna_dashboard._note import get_note, note_ver_key
+
+    from gopc.sweep.notes import save_trial_note
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/optuna.db")
+    a, b = study.ask(), study.ask()
+    save_trial_note(a, "x" * 5000)  # three of the dashboard's chunks
+    save_trial_note(b, "the other trial")
+    save_trial_note(a, "noted again")  # a resumed driver notes a trial again: the old chunks must not show
+    assert (get_note(a), get_note(b)) == ("noted again", "the other trial")
+    assert study._storage.get_study_system_attrs(study._study_id)[note_ver_key(a._trial_id)] == 2  # the dashboard's editor checks the version

@@ -278,3 +278,15 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(monkeypatch):
         monkeypatch.setattr(os, "getpid", lambda: pid)
         folders.add(cli._default_run_dir(cfg, 0, "20261203-120000"))
     assert folders == {"runs/gopc1-s0-20261203-120000-4242", "runs/gopc1-s0-20261203-120000-4243"}
+
+
+def test_every_run_reads_past_the_first_page_of_a_search(tmp_path):
+    """A sweep of more than 1,000 trials: MLflow answers a search 1,000 runs a page (recovery reads them all)."""
+    import mlflow
+
+    from gopc.run_tracking import every_run
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("paged")
+    made = {client.create_run(exp, tags={"role": "trial"}).info.run_id for _ in range(5)}
+    client.create_run(exp, tags={"role": "parent"})
+    assert {r.info.run_id for r in every_run(client, exp, "tags.role = 'trial'", page_size=2)} == made

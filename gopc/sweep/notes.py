@@ -23,6 +23,9 @@ from gopc.sweep.settings import study_file
 # Tune trial id -> the checkpoint of its last validation (not a divergence's: its grids are stale). A
 # module-level map because the searcher and the callbacks are pickled and restored apart by Tune.
 _LAST_GRIDS: dict[str, object] = {}
+# Tune trial id -> (experiment id, run id) of its MLflow run, as the tracker (gopc/sweep/trial_tracking.py) created
+# or found it: the note's link without a search of MLflow a trial.
+MLFLOW_RUNS: dict[str, tuple[str, str]] = {}
 GRIDS = ("inference", "rollout")  # eval/<name>.png in a trial's checkpoint (gopc/evaluate.py), for Optuna and MLflow
 
 
@@ -45,21 +48,6 @@ def ui_address(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri.rstrip("/")
     return "http://127.0.0.1:5000" if tracking_uri.startswith("sqlite:///") else ""
-
-
-def mlflow_run(tracking_uri: str, experiment: str, trial_id: str) -> tuple[str, str] | None:
-    """(experiment id, run id) of a trial's MLflow run; None if MLflow is away or has none (makes no SQLite file)."""
-    path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
-    if path is not None and not os.path.isfile(path):
-        return None
-    try:
-        import mlflow
-        client = mlflow.MlflowClient(tracking_uri)
-        exp = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([exp.experiment_id], f"tags.trial_id = '{trial_id}'", max_results=1) if exp else []
-    except Exception:  # noqa: BLE001: the note goes without its link rather than the sweep without its note
-        return None
-    return (exp.experiment_id, runs[0].info.run_id) if runs else None
 
 
 def _f(v, spec=".4f") -> str:
@@ -149,7 +137,6 @@ class Notes:
     mode: str
     margin: float
     tracking_uri: str = ""
-    experiment: str = ""
     artifacts: str = ""  # a folder for optuna.artifacts.FileSystemArtifactStore; "" = none
     _tally: Tally | None = field(default=None, init=False, repr=False, compare=False)
     _next_write: float = field(default=0.0, init=False, repr=False, compare=False)
@@ -168,11 +155,11 @@ class Notes:
         if "diverged_quantity" in result:
             ot_trial.set_user_attr("diverged_quantity", str(result["diverged_quantity"]))
         grids = self.upload_grids(ot_trial, trial_id)
-        run = mlflow_run(self.tracking_uri, self.experiment, trial_id) if self.tracking_uri else None
+        run = MLFLOW_RUNS.get(trial_id) if self.tracking_uri else None
         link = f"{ui_address(self.tracking_uri)}/#/experiments/{run[0]}/runs/{run[1]}" if run and ui_address(self.tracking_uri) else ""
         if run:
             ot_trial.set_user_attr("mlflow_run_id", run[1])
-        save_note(ot_trial, trial_note(ot_trial.number, trial_id, status, result, self.metric, self.margin, link, grids))
+        save_trial_note(ot_trial, trial_note(ot_trial.number, trial_id, status, result, self.metric, self.margin, link, grids))
 
     def upload_grids(self, ot_trial: optuna.Trial, trial_id: str) -> list[str]:
         checkpoint = _LAST_GRIDS.pop(trial_id, None)
@@ -217,3 +204,22 @@ class Notes:
 def save_note(study_or_trial, body: str) -> None:
     from optuna_dashboard import save_note as save  # the dashboard's own format, which it renders
     save(study_or_trial, body)
+
+
+NOTE = "gopc:note"  # a trial's own record of its note: [version, chunks]
+
+
+def save_trial_note(ot_trial: optuna.Trial, body: str) -> None:
+    """A trial's note, in the study's system attributes as optuna-dashboard keeps it (a version and the body in
+    chunks). Its save_note reads every note of the study to learn the version and the old chunks to blank: O(N)
+    a trial. The trial keeps both itself instead (a resumed driver may note a trial again)."""
+    from optuna_dashboard._note import note_str_key_prefix, note_ver_key, split_body
+    storage, study_id, trial_id = ot_trial.storage, ot_trial.study._study_id, ot_trial._trial_id
+    version, old_chunks = storage.get_trial_system_attrs(trial_id).get(NOTE, (0, 0))
+    chunks = split_body(body, trial_id)
+    storage.set_study_system_attr(study_id, note_ver_key(trial_id), version + 1)
+    for key, text in chunks.items():
+        storage.set_study_system_attr(study_id, key, text)
+    for i in range(len(chunks), old_chunks):
+        storage.set_study_system_attr(study_id, f"{note_str_key_prefix(trial_id)}{i}", "")
+    storage.set_trial_system_attr(trial_id, NOTE, [version + 1, len(chunks)])

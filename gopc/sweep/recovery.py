@@ -24,6 +24,7 @@ from pyarrow import fs as pafs
 from ray.tune.experiment.trial import Trial
 
 from gopc.errors import GopcError
+from gopc.run_tracking import every_run
 from gopc.sweep.searcher import ORPHANS, TUNE_ID, DivergenceAwareOptunaSearch
 from gopc.sweep.snapshot import GOOD, SNAPSHOT
 from gopc.sweep.trial_tracking import load_pending, save_pending
@@ -137,7 +138,7 @@ def forget_orphans(uri: str, parent_run_id: str, repair: Repair, pending_path: s
     exp_id = client.get_run(parent_run_id).info.experiment_id
     def gone(trial_id) -> bool:
         return repair.restart or trial_id in repair.orphans
-    for run in client.search_runs([exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
+    for run in every_run(client, exp_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"):
         if gone(run.data.tags.get("trial_id")):
             client.delete_run(run.info.run_id)
     save_pending(pending_path, [op for op in load_pending(pending_path) if not gone(op[1])])  # op: (kind, trial_id, payload)

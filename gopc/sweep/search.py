@@ -18,8 +18,7 @@ def make_searcher(s: S.Settings, start_points: list):
     from gopc.sweep.space import SearchSpace
     base = C.from_dict(s.base)
     tpe = optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
-    notes = Notes(s.metric, s.mode, base.train.learned_margin, s.mlflow_uri, s.mlflow_experiment,
-                  artifact_dir(s.study_storage))
+    notes = Notes(s.metric, s.mode, base.train.learned_margin, s.mlflow_uri, artifact_dir(s.study_storage))
     return DivergenceAwareOptunaSearch(space=SearchSpace(s.space), metric="objective", mode=s.mode, sampler=tpe,
                                        total_steps=base.train.steps, margin=base.train.learned_margin,
                                        objective_name=s.metric, notes=notes,

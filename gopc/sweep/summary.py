@@ -28,8 +28,6 @@ from gopc.sweep.settings import Settings  # noqa: E402
 from gopc.sweep.space import apply  # noqa: E402
 from gopc.sweep.parent_run import finish_parent  # noqa: E402
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
 
 def trial_rows(s: Settings, results) -> list[dict]:
     steps = C.from_dict(s.base).train.steps
@@ -128,6 +126,7 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
              "slice": ("slice.png", lambda: ovm.plot_slice(study, **not_diverged)),
              "contour": ("contour.png", lambda: ovm.plot_contour(study, params=top, **not_diverged))}
     files = {}
+    verbosity = optuna.logging.get_verbosity()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # experimental-API and degenerate-axis warnings of a small study
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one "omitted" warning per infeasible trial
@@ -140,7 +139,7 @@ def optuna_plots(study: optuna.Study, folder: str) -> dict[str, str]:
             fig = np.ravel(axes)[0].figure
             fig.savefig(files.setdefault(key, os.path.join(folder, name)), dpi=90, bbox_inches="tight")
             plt.close(fig)
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.logging.set_verbosity(verbosity)  # --verbose's level again
     return files
 
 

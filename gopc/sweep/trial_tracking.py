@@ -19,9 +19,9 @@ from ray import tune
 
 from gopc import config as C
 from gopc import outcome as O
-from gopc.sweep.notes import GRIDS  # eval/*.png drawn at every validation, logged as MLflow images
+from gopc.sweep.notes import GRIDS, MLFLOW_RUNS  # eval/*.png drawn at every validation, logged as MLflow images
 from gopc.sweep.space import trial_config
-from gopc.run_tracking import logged_steps
+from gopc.run_tracking import every_run, logged_steps
 
 DIVERGENCE_KEYS = ("diverged_step", "diverged_quantity", "diverged_frame", "max_grad_norm_before")
 # What a user charts: never Tune's `objective` (a diverged trial's penalty would flatten every sort and average)
@@ -50,6 +50,8 @@ class SweepTracker(tune.Callback):
     def _reset(self):
         self._client = None
         self._runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self._existing: dict | None = None  # existing_runs(), read at the first write
+        self._exp_id = ""
         self._checkpoints: dict[str, object] = {}
         self._logged: dict[str, dict[str, int]] = {}  # trial id -> metric -> last step in MLflow
         self._imaged: dict[str, int] = {}  # trial id -> step of the grids last queued
@@ -135,6 +137,7 @@ class SweepTracker(tune.Callback):
                     print(f"MLflow at {self.uri} failed ({type(e).__name__}: {str(e)[:120]}); "
                           f"queueing writes and retrying every {self.RETRY_S}s", file=sys.stderr)
                 self._outage, self._retry_at = True, time.time() + self.RETRY_S
+                self._existing = None  # a write whose answer was lost may have created a run: search again
                 save_pending(self.pending_path, self._pending)
                 return False
             self._pending.pop(0)
@@ -154,25 +157,35 @@ class SweepTracker(tune.Callback):
         return not self._pending
 
     # the operations (each idempotent, so a replay after a partial failure is harmless) -------------
+    def existing_runs(self) -> dict:
+        """Trial id -> MLflow run of this sweep's trial runs already in MLflow (a resumed sweep's): one search per
+        driver, not one per trial (a search by tag reads every run's tags: O(N) a trial)."""
+        if self._existing is None:
+            self._exp_id = self.client.get_run(self.parent).info.experiment_id
+            self._existing = {run.data.tags.get("trial_id"): run for run in every_run(
+                self.client, self._exp_id, f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}'")}
+        return self._existing
+
     def find_or_create_run(self, trial_id: str, config: dict) -> str:
         if trial_id in self._runs:
             return self._runs[trial_id]
-        exp_id = self.client.get_run(self.parent).info.experiment_id
-        found = self.client.search_runs(
-            [exp_id], f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{self.parent}' and tags.trial_id = '{trial_id}'")
+        found = self.existing_runs().get(trial_id)
         # the steps the run already holds, which a restarted driver may get again (_do_metrics)
-        self._logged[trial_id] = logged_steps(self.client, found[0].info.run_id) if found else {}
-        if found and found[0].data.tags.get("status") == O.INTERRUPTED:  # resumed: it runs again
-            self.client.update_run(found[0].info.run_id, "RUNNING")
-            self.client.set_tag(found[0].info.run_id, "status", "running")
-        run = found[0] if found else self.client.create_run(exp_id, run_name=run_name(config), tags={
+        self._logged[trial_id] = logged_steps(self.client, found.info.run_id) if found else {}
+        if found and found.data.tags.get("status") == O.INTERRUPTED:  # resumed: it runs again
+            self.client.update_run(found.info.run_id, "RUNNING")
+            self.client.set_tag(found.info.run_id, "status", "running")
+        run = found or self.client.create_run(self._exp_id, run_name=run_name(config), tags={
             MLFLOW_PARENT_RUN_ID: self.parent, "trial_id": trial_id, "sweep": self.sweep, "role": "trial",
             "status": "running", "sampled": ", ".join(sorted(config))})
+        self._existing[trial_id] = run  # a retry after a failure below finds this run, not a second one
         if not run.data.params:
             cfg = trial_config(self.bases, config)
             self.client.log_batch(run.info.run_id, params=[Param(k, C.redact(str(v))) for k, v in cfg.flat().items()])
             self.client.log_text(run.info.run_id, C.redact(C.dump(cfg)), "config.yaml")
         self._runs[trial_id] = run.info.run_id
+        del self._existing[trial_id]
+        MLFLOW_RUNS[trial_id] = (self._exp_id, run.info.run_id)
         return run.info.run_id
 
     def _do_start(self, trial_id, config):
