@@ -45,6 +45,8 @@ import time
 
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+from gopc.console import library_level, quiet_libraries  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 # the smoke preset's data and model, shrunk: the template run is made once, and its files are what
@@ -237,7 +239,8 @@ def one(a) -> int:
     sys.path.insert(0, HERE)
     import ray
     with tempfile.TemporaryDirectory(prefix="gopc_scale_") as folder, contextlib.chdir(folder):
-        ray.init(address="local", num_cpus=a.concurrency, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=a.concurrency, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                 logging_level=library_level())
         try:
             m = measure_bare(a, folder) if a.one == "bare" else measure_service(a, folder)
         finally:
@@ -249,7 +252,7 @@ def one(a) -> int:
 
 def run_one(loop: str, n: int, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", loop, "--n", str(n), "--seconds", str(a.seconds),
-           "--reports", str(a.reports), "--concurrency", str(a.concurrency)]
+           "--reports", str(a.reports), "--concurrency", str(a.concurrency)] + (["--verbose"] if a.verbose else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
@@ -383,8 +386,10 @@ def main(argv=None) -> int:
     p.add_argument("--placement", action="store_true", help="the many-node fractional-GPU run instead")
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--smoke", action="store_true", help="small and quick (the tests)")
+    p.add_argument("--verbose", action="store_true", help="MLflow's, Ray's and Optuna's INFO lines too")
     p.add_argument("--one", choices=["bare", "service"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    quiet_libraries(a.verbose)  # as the sweep's own command does: run.run, called here, leaves it to main
     if a.one:
         a.n = int(a.n)
         return one(a)

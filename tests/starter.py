@@ -14,6 +14,9 @@ import time
 from pathlib import Path
 
 
+GO_WITHIN_S = 300  # far above a round's start (seconds); only an orphaned starter waits this long
+
+
 def new_study(argv) -> int:
     """What a sweep does first with optuna.db: open the storage (a new file gets its tables) and add a study."""
     import optuna
@@ -31,7 +34,10 @@ def main() -> None:
     for folder in sorted((Path(control) / "work").iterdir()):
         signals = Path(control) / folder.name
         (signals / f"{name}.ready").touch()
+        deadline = time.monotonic() + GO_WITHIN_S
         while not (signals / "go").exists():  # the test creates it once every process is ready
+            if time.monotonic() > deadline:  # the test died before its go: do not outlive it
+                sys.exit(f"starter {name}: no {signals / 'go'} within {GO_WITHIN_S} s")
             time.sleep(0.005)
         os.chdir(folder)
         err = io.StringIO()
