@@ -108,13 +108,11 @@ def run_uri(cfg: Config, run_dir: str | None = None) -> str:
 
 
 def every_run(client, experiment_id: str, filter_string: str, page_size: int = 1000) -> list:
-    """Every run the filter matches: search_runs answers at most 1,000 a page (a sweep may have more trials)."""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=page_size, page_token=token)
-        runs += page
-        if not (token := page.token):
-            return runs
+    """Every run the filter matches: search_runs answers at most 1,000 a page (a sweep may have more trials).
+    MLflow's own pager, as its fluent search_runs uses it; the client's, for this tracking URI."""
+    from mlflow.utils import get_results_from_paginated_fn
+    return get_results_from_paginated_fn(lambda n, token: client.search_runs(
+        [experiment_id], filter_string, max_results=n, page_token=token), page_size)
 
 
 def logged_steps(client, run_id: str) -> dict[str, int]:
